@@ -1,0 +1,82 @@
+"""Per-linear-input activation statistics: how outlier-heavy what each quantizer sees is.
+
+For every decoder linear input ``X`` (tokens x channels, pooled over the calibration windows; for a
+wrapped linear, after its online Hadamard and before activation quant):
+- ``absmax``: max |X|;
+- ``kurtosis``: kurtosis of all entries of X (3 for a Gaussian; large means heavy tails);
+- ``max_median_ratio``: max over channels of channel absmax / median channel absmax.
+Rotations should flatten all three.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .adapters import adapter_for
+from .online import QuantLinear
+from .hadamard import fast_hadamard_transform
+
+
+class _Accumulator:
+    """Streaming sums for one linear input."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s1 = self.s2 = self.s3 = self.s4 = 0.0
+        self.chan_absmax: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        self.n += x.numel()
+        self.s1 += x.sum().item()
+        self.s2 += x.pow(2).sum().item()
+        self.s3 += x.pow(3).sum().item()
+        self.s4 += x.pow(4).sum().item()
+        amax = x.abs().amax(dim=0)
+        self.chan_absmax = amax if self.chan_absmax is None else torch.maximum(self.chan_absmax, amax)
+
+    def result(self) -> dict[str, float]:
+        n, mu = self.n, self.s1 / self.n
+        var = self.s2 / n - mu**2
+        m4 = self.s4 / n - 4 * mu * self.s3 / n + 6 * mu**2 * self.s2 / n - 3 * mu**4
+        kurt = m4 / max(var, 1e-30) ** 2
+        amax = self.chan_absmax
+        return {
+            "absmax": amax.max().item(),
+            "kurtosis": kurt,
+            "max_median_ratio": (amax.max() / amax.median().clamp(min=1e-12)).item(),
+        }
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, windows: torch.Tensor) -> list[dict]:
+    """One row per decoder linear: ``{"layer", "linear", "index", "absmax", "kurtosis", "max_median_ratio"}``.
+
+    ``windows``: ``(n, seqlen)`` token ids, run one per forward.
+    """
+    adapter = adapter_for(model)
+    accs: dict[tuple[int, str], _Accumulator] = {}
+    handles = []
+    for i, layer in enumerate(adapter.layers(model)):
+        for name in adapter.layer_linear_names():
+            module = layer.get_submodule(name)
+            acc = accs.setdefault((i, name), _Accumulator())
+
+            def hook(mod, args, acc=acc):
+                x = args[0]
+                if isinstance(mod, QuantLinear) and mod.online_hadamard:
+                    x = fast_hadamard_transform(x)
+                acc.add(x)
+
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        for window in tqdm(windows, desc="activation stats", unit="win"):
+            model(window.unsqueeze(0), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for index, ((i, name), acc) in enumerate(accs.items()):
+        rows.append({"layer": i, "linear": name.split(".")[-1], "index": index, **acc.result()})
+    return rows

@@ -1,0 +1,138 @@
+"""Model-family adapters: where a family keeps its norms, linears, heads and rotary embedding.
+
+The rest of the pipeline talks only to an adapter, never to HF attribute names. Llama, Qwen2 and
+Mistral share HF's decoder layout (``model.layers[i].self_attn.{q,k,v,o}_proj``,
+``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``), so their adapters
+differ only in the facts that really differ (biases, sliding window); a new family with another layout
+overrides the accessors it needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes the rotations need."""
+
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_layers: int
+    vocab: int
+
+
+class DecoderAdapter:
+    """Accessors for an HF decoder-only causal LM with the Llama layout."""
+
+    architecture: str = ""
+    attn_readers_have_bias: bool = False
+
+    # names of the linears inside a decoder layer, relative to the layer
+    ATTN_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    ATTN_WRITER = "self_attn.o_proj"
+    MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
+    MLP_WRITER = "mlp.down_proj"
+    V_PROJ = "self_attn.v_proj"
+
+    def dims(self, model: nn.Module) -> Dims:
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return Dims(
+            hidden=c.hidden_size,
+            intermediate=c.intermediate_size,
+            n_heads=c.num_attention_heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            n_layers=c.num_hidden_layers,
+            vocab=c.vocab_size,
+        )
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        return model.model.embed_tokens
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def attn_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.input_layernorm
+
+    def mlp_norm(self, layer: nn.Module) -> nn.Module:
+        return layer.post_attention_layernorm
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return model.model.norm
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.lm_head
+
+    def norm_sites(self, model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+        """Every RMSNorm as ``(parent module, attribute name, linears that read its output)``."""
+        sites = []
+        for layer in self.layers(model):
+            sites.append((layer, "input_layernorm", [get_linear(layer, n) for n in self.ATTN_READERS]))
+            sites.append(
+                (layer, "post_attention_layernorm", [get_linear(layer, n) for n in self.MLP_READERS])
+            )
+        sites.append((model.model, "norm", [self.lm_head(model)]))
+        return sites
+
+    def layer_linear_names(self) -> tuple[str, ...]:
+        """Every quantized linear of a layer, relative to the layer, in forward order."""
+        return (*self.ATTN_READERS, self.ATTN_WRITER, *self.MLP_READERS, self.MLP_WRITER)
+
+
+class LlamaAdapter(DecoderAdapter):
+    """Llama-2/3/3.2 and SmolLM2 (``LlamaForCausalLM``)."""
+
+    architecture = "LlamaForCausalLM"
+
+
+class Qwen2Adapter(DecoderAdapter):
+    """Qwen2/2.5 (``Qwen2ForCausalLM``): q/k/v carry biases."""
+
+    architecture = "Qwen2ForCausalLM"
+    attn_readers_have_bias = True
+
+
+class MistralAdapter(DecoderAdapter):
+    """Mistral (``MistralForCausalLM``): Llama layout, optional sliding-window attention."""
+
+    architecture = "MistralForCausalLM"
+
+
+ADAPTERS: dict[str, DecoderAdapter] = {
+    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter())
+}
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """The adapter of ``model``'s architecture, chosen by its class (never by its name or path)."""
+    arch = type(model).__name__
+    if arch not in ADAPTERS:
+        raise PipelineError(
+            f"unsupported architecture {arch}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[arch]
+
+
+def get_linear(root: nn.Module, path: str) -> nn.Linear:
+    """The ``nn.Linear`` at dotted ``path`` under ``root``, looking through quantization wrappers."""
+    module = root.get_submodule(path)
+    return getattr(module, "linear", module)
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` under ``root``."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)

@@ -1,0 +1,96 @@
+"""Hydra config: stage entry points, variant selection, and ``params.yaml`` composition.
+
+Two primary configs live in ``conf/``:
+- ``config.yaml``: what a stage run by hand composes. It selects no model, so the user's
+  ``python stages/<stage>.py +model=llama3`` composes (hydra-core 1.3 refuses ``+model=`` when the
+  defaults list already has a model).
+- ``pipeline.yaml``: ``config`` + the default model + the compared variants (method x quant). DVC
+  composes it into ``params.yaml`` (``dvc config hydra.enabled true``; ``dvc exp run -S`` recomposes),
+  and every DVC stage reads ``params.yaml`` whole (``-cd . -cn params``), so a hand run and a DVC run of
+  the same choices see the same config.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from .errors import PipelineError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+PARAMS_FILE = REPO_ROOT / "params.yaml"
+PIPELINE_CONFIG = "pipeline"
+
+# Stages write into the repo (DVC's outs), not into Hydra's per-run output folders.
+HYDRA_DEFAULTS = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
+
+
+def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
+    """Turn ``task(cfg)`` into a Hydra entry point that reports PipelineError as one line, exit 2."""
+    import hydra
+
+    def main() -> None:
+        for override in HYDRA_DEFAULTS:
+            key = override.split("=")[0]
+            if not any(arg.startswith(key + "=") for arg in sys.argv[1:]):
+                sys.argv.append(override)
+
+        @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+        def _run(cfg: DictConfig) -> None:
+            try:
+                if cfg.get("model") is None:
+                    choices = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
+                    raise PipelineError(f"no model selected: add +model=NAME (one of {choices})")
+                task(cfg)
+            except PipelineError as exc:
+                logging.getLogger("pipeline").debug("stage failed", exc_info=True)
+                print(f"error: {exc}", file=sys.stderr)
+                sys.exit(2)
+
+        _run()
+
+    return main
+
+
+def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
+    """The run's name and config with ``method``/``quant`` of the chosen variant.
+
+    With ``variant=NAME`` (DVC stages), ``variants.NAME.{method,quant}`` replace ``method``/``quant``.
+    Without it (hand runs), the name is ``<method>_<quant>``.
+    """
+    name = cfg.get("variant")
+    if not name:
+        return f"{cfg.method.name}_{cfg.quant.name}", cfg
+    variants = cfg.get("variants") or {}
+    if name not in variants:
+        known = ", ".join(variants) or "none configured"
+        raise PipelineError(f"variant={name} is not in variants ({known})")
+    out = cfg.copy()
+    with open_dict(out):
+        out.method = variants[name].method
+        out.quant = variants[name].quant
+    return str(name), out
+
+
+def compose_pipeline(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/pipeline.yaml`` (what DVC writes into params.yaml)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=PIPELINE_CONFIG, overrides=overrides or [])
+
+
+def write_params(path: Path = PARAMS_FILE, overrides: list[str] | None = None) -> None:
+    """Write the composed pipeline config to ``params.yaml`` (what ``dvc exp run`` does with hydra on)."""
+    data = OmegaConf.to_container(compose_pipeline(overrides), resolve=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+if __name__ == "__main__":  # python -m pipeline.config [overrides...]: regenerate params.yaml
+    write_params(overrides=sys.argv[1:])
+    print(f"wrote {PARAMS_FILE}")

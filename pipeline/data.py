@@ -1,0 +1,105 @@
+"""Text sources and token windows (DESIGN §1 evaluation protocol, §4 offline data).
+
+Data dir: ``data.dir``, else env ``RSQ_DATA_DIR`` (the layout of ``../shared/data``). Without a data
+dir the HF hub is used (``datasets.load_dataset``), as real users online expect.
+- WikiText-2 test: documents joined with ``"\\n\\n"``. Offline only the blank-line-free copy exists:
+  its lines are joined with ``"\\n\\n"``, which differs slightly from the published protocol.
+- Calibration: ``data.calib_source`` = ``wikitext2_train`` (hub; the papers' protocol) or ``enwiki``
+  (offline: 106 Wikipedia articles, no overlap with WikiText-2 test).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from .errors import PipelineError
+
+WIKITEXT_TEST_FILE = "wikitext-2-raw-test-noblank/wiki.test.raw"
+ENWIKI_FILE = "enwiki-gensim/enwiki.txt"
+
+
+def data_dir(data_cfg: DictConfig | dict) -> Path | None:
+    """The configured data dir, or None (use the hub). A configured dir that is absent is an error."""
+    configured = data_cfg.get("dir") or os.environ.get("RSQ_DATA_DIR")
+    if not configured:
+        return None
+    path = Path(configured).expanduser()
+    if not path.is_dir():
+        raise PipelineError(f"data dir {path} does not exist (set data.dir= or RSQ_DATA_DIR to ../shared/data)")
+    return path
+
+
+def _read_local(root: Path, rel: str) -> str:
+    path = root / rel
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing: the data dir must hold {rel} (see ../shared/data/README.md)")
+    return path.read_text(encoding="utf-8")
+
+
+def _hub_split(name: str, config: str, split: str) -> list[str]:
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise PipelineError(
+            f"no data dir and the hub is off: set data.dir= or RSQ_DATA_DIR to a folder like ../shared/data "
+            f"(needed: {name}/{config} {split})"
+        )
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, config, split=split)["text"])
+    except (OSError, ConnectionError, ValueError) as exc:
+        raise PipelineError(f"could not load {name}/{config} {split} from the hub: {str(exc).splitlines()[0]}") from None
+
+
+def wikitext2_test_text(data_cfg: DictConfig | dict) -> str:
+    """The WikiText-2 raw test split as one string (see module doc for the offline difference)."""
+    root = data_dir(data_cfg)
+    if root is None:
+        return "\n\n".join(_hub_split("wikitext", "wikitext-2-raw-v1", "test"))
+    raw = _read_local(root, WIKITEXT_TEST_FILE).replace("\r\n", "\n")
+    return "\n\n".join(line for line in raw.split("\n") if line.strip())
+
+
+def calibration_text(data_cfg: DictConfig | dict) -> str:
+    """Calibration text from ``data.calib_source``."""
+    source = data_cfg.get("calib_source")
+    if source == "wikitext2_train":
+        root = data_dir(data_cfg)
+        if root is not None and (root / "wikitext-2-raw-train" / "wiki.train.raw").is_file():
+            return _read_local(root, "wikitext-2-raw-train/wiki.train.raw")
+        return "\n\n".join(_hub_split("wikitext", "wikitext-2-raw-v1", "train"))
+    if source == "enwiki":
+        root = data_dir(data_cfg)
+        if root is None:
+            raise PipelineError("data.calib_source=enwiki needs a data dir (data.dir= or RSQ_DATA_DIR)")
+        return _read_local(root, ENWIKI_FILE)
+    raise PipelineError(f"data.calib_source={source!r}: choose wikitext2_train or enwiki")
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """All of ``text`` as one ``(n_tokens,)`` int64 tensor, tokenized once (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``(n, seqlen)`` windows from the start; the tail shorter than seqlen is dropped."""
+    if seqlen < 2:
+        raise PipelineError(f"eval.seqlen={seqlen}: must be at least 2")
+    n = ids.numel() // seqlen
+    if max_windows is not None and max_windows > 0:
+        n = min(n, max_windows)
+    if n == 0:
+        raise PipelineError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``(n, seqlen)`` windows at random starts, deterministic by ``seed`` (the papers' calibration)."""
+    if ids.numel() <= seqlen:
+        raise PipelineError(f"calibration text has {ids.numel()} tokens, need more than seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

