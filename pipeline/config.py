@@ -35,10 +35,10 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
     import hydra
 
     def main() -> None:
-        for override in HYDRA_DEFAULTS:
-            key = override.split("=")[0]
-            if not any(arg.startswith(key + "=") for arg in sys.argv[1:]):
-                sys.argv.append(override)
+        given = {arg.split("=")[0] for arg in sys.argv[1:]}
+        missing = [o for o in HYDRA_DEFAULTS if o.split("=")[0] not in given]
+        at = _overrides_position(sys.argv)
+        sys.argv[at:at] = missing
 
         @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
         def _run(cfg: DictConfig) -> None:
@@ -55,6 +55,23 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
         _run()
 
     return main
+
+
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def _overrides_position(argv: list[str]) -> int:
+    """Index of the first override in ``argv`` (else its end): Hydra's argparse needs all overrides
+    in one run, so extra overrides go right before the user's (``x.py +model=m --cfg job`` and
+    ``x.py -cd . -cn params variant=v`` both stay valid)."""
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            return i
+        i += 2 if arg in _FLAGS_WITH_VALUE and "=" not in arg else 1
+    return len(argv)
 
 
 def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:

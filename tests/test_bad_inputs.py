@@ -1,0 +1,113 @@
+"""Bad input gets one clear line and a non-zero exit, never a traceback, never a half-written artifact."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+from pipeline.artifacts import load_tensors, save_tensors
+from pipeline.errors import PipelineError
+
+
+def _stage(tmp_path, script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(ROOT / "stages" / script),
+            f"paths.artifacts={tmp_path / 'a'}", f"paths.metrics={tmp_path / 'm'}", *overrides]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                "RSQ_DATA_DIR": str(SHARED_DATA), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                **(env or {})}
+    return subprocess.run(args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and expected in lines[-1], proc.stderr
+
+
+def test_no_model_selected(tmp_path):
+    _one_line_error(_stage(tmp_path, "calibrate.py"), "no model selected: add +model=NAME")
+
+
+def test_unknown_model(tmp_path):
+    proc = _stage(tmp_path, "calibrate.py", "+model=no_such_model")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "Could not find 'model/no_such_model'" in proc.stderr
+
+
+def test_bad_override(tmp_path):
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "eval.seqlenn=3")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "Could not override 'eval.seqlenn'" in proc.stderr
+
+
+def test_bad_quant_value(tmp_path):
+    proc = _stage(tmp_path, "fuse.py", "+model=tiny_llama", "quant.a_bits=12")
+    _one_line_error(proc, "quant.a_bits=12: must be 2..8 or 16 (off)")
+
+
+def test_missing_data_dir(tmp_path):
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"data.dir={tmp_path / 'nowhere'}")
+    _one_line_error(proc, "does not exist (set data.dir= or RSQ_DATA_DIR")
+    assert not (tmp_path / "a").exists()  # nothing half-written
+
+
+def test_no_data_dir_and_hub_off(tmp_path):
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", env={"RSQ_DATA_DIR": ""})
+    _one_line_error(proc, "needs a data dir")
+
+
+def test_unsupported_architecture(tmp_path):
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.config.model_type=gpt2")
+    _one_line_error(proc, "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+
+
+def test_llama3_composes_and_prints(tmp_path):
+    proc = _stage(tmp_path, "train_rotation.py", "+model=llama3", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "hidden_size: 4096" in proc.stdout and "meta-llama/Meta-Llama-3-8B" in proc.stdout
+
+
+def test_llama3_without_weights_is_one_line(tmp_path):
+    proc = _stage(tmp_path, "train_rotation.py", "+model=llama3", env={"HF_HOME": str(tmp_path / "hf")})
+    _one_line_error(proc, "'meta-llama/Meta-Llama-3-8B' could not be loaded")
+
+
+def test_unknown_variant(tmp_path):
+    proc = _stage(tmp_path, "fuse.py", "+model=tiny_llama", "variant=nope")
+    _one_line_error(proc, "variant=nope is not in variants")
+
+
+def test_artifact_for_another_model_refused(tmp_path):
+    path = tmp_path / "r.safetensors"
+    save_tensors(path, {"R1": torch.eye(4)}, {"fingerprint": "aaaa", "model": "tiny_llama"})
+    with pytest.raises(PipelineError, match="made for model tiny_llama \\(fingerprint aaaa\\), not this one"):
+        load_tensors(path, fingerprint="bbbb")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_corrupt_artifact_is_one_line(tmp_path, content):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError, match="is not a readable safetensors file") as info:
+        load_tensors(path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_artifact_is_one_line(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_tensors(path, {"x": torch.randn(64, 64)}, {"fingerprint": "f"})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(PipelineError, match="is not a readable safetensors file"):
+        load_tensors(path)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    path = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError):
+        save_tensors(path, {"x": torch.zeros(2)}, {"no": "fingerprint"})
+    assert list(tmp_path.iterdir()) == []
