@@ -94,8 +94,7 @@ def _check_rotations(rotations: dict[str, torch.Tensor], method: MethodSpec, ada
 
 
 def prepare_model(
-    model: nn.Module, method: MethodSpec, rotations: dict[str, torch.Tensor], quant: QuantSpec,
-    quantize_weights: bool = True,
+    model: nn.Module, method: MethodSpec, rotations: dict[str, torch.Tensor], quant: QuantSpec
 ) -> nn.Module:
     """Transform ``model`` in place for ``method`` at ``quant`` and return it.
 
@@ -104,7 +103,6 @@ def prepare_model(
     """
     adapter = adapter_for(model)
     _check_rotations(rotations, method, adapter, model)
-    dims = adapter.dims(model)
     untie_embeddings(model, adapter)  # every method: one checkpoint layout for all
     if method.rotates:
         fold_norms(model, adapter)
@@ -112,14 +110,12 @@ def prepare_model(
         replace_norms(model, adapter)
     if "R1" in rotations:
         apply_r1(model, adapter, rotations["R1"])
-    layers = adapter.layers(model)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(adapter.layers(model)):
         if f"R2.{i}" in rotations:
             apply_r2(layer, adapter, rotations[f"R2.{i}"])
         if method.online_r4:
-            fuse_r4(layer, adapter, orthogonal_hadamard(dims.intermediate))
-    if quantize_weights:
-        quantize_linear_weights(model, adapter, quant)
+            fuse_r4(layer, adapter)
+    quantize_linear_weights(model, adapter, quant)
     attach_online_ops(model, adapter, method, quant)
     return model
 

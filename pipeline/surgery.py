@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import DecoderAdapter, get_linear
+from .hadamard import fast_hadamard_transform
 from .norms import RMSNorm
 
 
@@ -102,10 +103,12 @@ def apply_r2(layer: nn.Module, adapter: DecoderAdapter, R2: torch.Tensor) -> Non
 
 
 @torch.no_grad()
-def fuse_r4(layer: nn.Module, adapter: DecoderAdapter, H: torch.Tensor) -> None:
-    """down_proj input rotation R4 = H (I, I): ``W_down <- W_down @ H``.
+def fuse_r4(layer: nn.Module, adapter: DecoderAdapter) -> None:
+    """down_proj input rotation R4 = H (I, I), the normalised Hadamard: ``W_down <- W_down @ H``.
 
+    Applied row-wise by the fast transform (``fht(W) == W @ H``), so no dense (I, I) matrix is built.
     The matching online op ``x <- x @ H`` runs on down_proj's input (see ``online.QuantLinear``), so
     ``(x @ H) @ (W @ H).T == x @ W.T``.
     """
-    rotate_reader(get_linear(layer, adapter.MLP_WRITER), H)
+    down = get_linear(layer, adapter.MLP_WRITER)
+    down.weight.copy_(fast_hadamard_transform(_f64(down.weight)).to(down.weight.dtype))

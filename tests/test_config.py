@@ -1,0 +1,43 @@
+"""params.yaml is exactly what conf/ composes; variants and hand-run configs compose as documented."""
+from __future__ import annotations
+
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import ROOT
+from pipeline.config import compose_pipeline, select_variant
+
+
+def test_params_yaml_equals_composed_conf():
+    composed = OmegaConf.to_container(compose_pipeline(), resolve=True)
+    on_disk = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert on_disk == composed, "params.yaml is stale: run `python -m pipeline.config` (or dvc exp run)"
+
+
+def test_dvc_hydra_integration_configured():
+    text = (ROOT / ".dvc" / "config").read_text()
+    assert "[hydra]" in text and "enabled = true" in text and "config_name = pipeline" in text
+
+
+def test_variant_selects_method_and_quant():
+    cfg = compose_pipeline()
+    cfg.variant = "quarot_w16a4kv4"
+    name, chosen = select_variant(cfg)
+    assert name == "quarot_w16a4kv4"
+    assert chosen.method.name == "quarot" and chosen.quant.w_bits == 16 and chosen.quant.a_bits == 4
+    assert cfg.quant.w_bits == 4  # the input config is not mutated
+
+
+def test_hand_run_name_without_variant():
+    cfg = compose_pipeline(["method=rtn", "quant=w3a3kv3"])
+    cfg.variant = None
+    name, chosen = select_variant(cfg)
+    assert name == "rtn_w3a3kv3" and chosen.quant.a_bits == 3
+
+
+def test_every_quant_preset_is_valid():
+    from pipeline.methods import quant_spec
+
+    for path in (ROOT / "conf" / "quant").glob("*.yaml"):
+        spec = quant_spec(OmegaConf.load(path))
+        assert path.stem == f"w{spec.w_bits}a{spec.a_bits}" + ("" if spec.kv_bits == 16 else f"kv{spec.kv_bits}")

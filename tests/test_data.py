@@ -1,0 +1,39 @@
+"""Data: WikiText-2 offline joining, calibration source, deterministic windows."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from pipeline.data import calibration_text, eval_windows, sample_windows, wikitext2_test_text
+from pipeline.errors import PipelineError
+
+
+def test_wikitext_offline_joins_nonblank_lines():
+    text = wikitext2_test_text({"dir": str(SHARED_DATA)})
+    assert "\r" not in text
+    docs = text.split("\n\n")
+    assert len(docs) == 2891 and all(d.strip() for d in docs)
+    assert docs[0] == " = Robert Boulter = "
+
+
+def test_calibration_sources():
+    assert calibration_text({"dir": str(SHARED_DATA), "calib_source": "enwiki"}).startswith(" = Anarchism = ")
+    with pytest.raises(PipelineError, match="choose wikitext2_train or enwiki"):
+        calibration_text({"dir": str(SHARED_DATA), "calib_source": "c4"})
+
+
+def test_windows_deterministic_by_seed():
+    ids = torch.arange(10_000)
+    a, b, c = (sample_windows(ids, 5, 64, s) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (5, 64) and torch.equal(a[:, 1:] - a[:, :-1], torch.ones(5, 63, dtype=torch.long))
+
+
+def test_eval_windows_non_overlapping_and_capped():
+    ids = torch.arange(1000)
+    w = eval_windows(ids, 128)
+    assert w.shape == (7, 128) and torch.equal(w.flatten(), ids[:896])
+    assert eval_windows(ids, 128, max_windows=3).shape == (3, 128)
+    with pytest.raises(PipelineError, match="fewer than one window"):
+        eval_windows(ids, 2048)
