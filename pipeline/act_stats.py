@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .adapters import adapter_for
 from .online import QuantLinear
-from .hadamard import fast_hadamard_transform
+from .hadamard import online_hadamard
 
 
 class _Accumulator:
@@ -65,8 +65,8 @@ def activation_stats(model: nn.Module, windows: torch.Tensor) -> list[dict]:
 
             def hook(mod, args, acc=acc):
                 x = args[0]
-                if isinstance(mod, QuantLinear) and mod.online_hadamard:
-                    x = fast_hadamard_transform(x)
+                if isinstance(mod, QuantLinear) and mod.rotate_input:
+                    x = online_hadamard(x)
                 acc.add(x)
 
             handles.append(module.register_forward_pre_hook(hook))

@@ -257,3 +257,21 @@ def fast_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     if m > 1:
         y = _base_as(m, y.device, compute).T @ y
     return (y.reshape(*lead, n) / math.sqrt(n)).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _fallback_rotation(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return orthogonal_hadamard(n).to(device=device, dtype=dtype)
+
+
+def online_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """The online rotation of R3/R4: ``x @ H_n / sqrt(n)`` along the last dim by the fast transform.
+
+    For an ``n`` with no Hadamard construction: ``x @ Q`` with the seeded random orthogonal
+    ``Q = orthogonal_hadamard(n)`` (warned once, cached), so weight fusion and the online op agree.
+    ``x``: ``(..., n)`` -> ``(..., n)``.
+    """
+    n = x.shape[-1]
+    if has_hadamard(n):
+        return fast_hadamard_transform(x)
+    return x @ _fallback_rotation(n, x.device, x.dtype)

@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .hadamard import fast_hadamard_transform
+from .hadamard import online_hadamard
 from .quantizers import ActQuantizer, quantize_asym
 
 ATTN_IMPL = "rsq_sdpa"
@@ -27,21 +27,21 @@ class QuantLinear(nn.Module):
     ``x``: ``(..., in)`` -> ``(..., out)``. ``linear.weight`` holds the (fake-)quantized weight.
     """
 
-    def __init__(self, linear: nn.Linear, act_quant: ActQuantizer | None, online_hadamard: bool) -> None:
+    def __init__(self, linear: nn.Linear, act_quant: ActQuantizer | None, rotate_input: bool) -> None:
         super().__init__()
         self.linear = linear
         self.act_quant = act_quant
-        self.online_hadamard = online_hadamard
+        self.rotate_input = rotate_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.online_hadamard:
-            x = fast_hadamard_transform(x)
+        if self.rotate_input:
+            x = online_hadamard(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
         return self.linear(x)
 
     def extra_repr(self) -> str:
-        return f"online_hadamard={self.online_hadamard}"
+        return f"rotate_input={self.rotate_input}"
 
 
 class OnlineAttention(nn.Module):
@@ -57,7 +57,7 @@ class OnlineAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.r3:  # q @ H and k @ H leave q @ k.T unchanged (H orthogonal)
-            q, k = fast_hadamard_transform(q), fast_hadamard_transform(k)
+            q, k = online_hadamard(q), online_hadamard(k)
         # asymmetric, one grid per token and head (group = head_dim)
         k = quantize_asym(k, self.kv_bits, self.kv_clip_ratio)
         v = quantize_asym(v, self.kv_bits, self.kv_clip_ratio)

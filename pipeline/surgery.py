@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import DecoderAdapter, get_linear
-from .hadamard import fast_hadamard_transform
+from .hadamard import online_hadamard
 from .norms import RMSNorm
 
 
@@ -111,4 +111,4 @@ def fuse_r4(layer: nn.Module, adapter: DecoderAdapter) -> None:
     ``(x @ H) @ (W @ H).T == x @ W.T``.
     """
     down = get_linear(layer, adapter.MLP_WRITER)
-    down.weight.copy_(fast_hadamard_transform(_f64(down.weight)).to(down.weight.dtype))
+    down.weight.copy_(online_hadamard(_f64(down.weight)).to(down.weight.dtype))

@@ -26,11 +26,24 @@ TINY_MISTRAL = {
     },
 }
 
+# No Hadamard construction for intermediate 330 and head_dim 30 (not multiples of 4): R2, R3 and R4
+# fall back to a seeded random orthogonal matrix (hidden 180 = 2*(89+1) has one, Paley II).
+TINY_NO_HADAMARD = {
+    "name": "tiny_no_hadamard", "source": "random_init", "seed": 2, "dtype": "float32",
+    "config": {
+        "model_type": "llama", "vocab_size": 257, "hidden_size": 180, "intermediate_size": 330,
+        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 30,
+        "max_position_embeddings": 512, "tie_word_embeddings": True,
+        "bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 256,
+    },
+}
+TEST_ONLY = {"tiny_mistral": TINY_MISTRAL, "tiny_no_hadamard": TINY_NO_HADAMARD}
+
 
 def model_cfg(name: str):
-    """The ``conf/model/<name>.yaml`` node (or the test-only Mistral config)."""
-    if name == "tiny_mistral":
-        return OmegaConf.create(TINY_MISTRAL)
+    """The ``conf/model/<name>.yaml`` node (or a test-only config above)."""
+    if name in TEST_ONLY:
+        return OmegaConf.create(TEST_ONLY[name])
     return OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml")
 
 

@@ -11,7 +11,7 @@ from pipeline.models import load_model
 from pipeline.quantizers import QuantSpec
 from pipeline.surgery import replace_norms
 
-MODELS = ["tiny_llama", "tiny_qwen2", "tiny_mistral"]
+MODELS = ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_no_hadamard"]
 
 
 def _f64_model(name: str):
@@ -58,3 +58,15 @@ def test_tied_embeddings_untied_after_rotation():
     method = MethodSpec(name="quarot", r1="random_hadamard")
     prepare_model(model, method, make_rotations(method, model), QuantSpec())
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_sizes_without_hadamard_fall_back_and_say_so(caplog):
+    from pipeline import hadamard
+
+    hadamard._fallback_rotation.cache_clear()  # the online fallback warns once per process
+    model = _f64_model("tiny_no_hadamard")
+    method = MethodSpec(name="quarot", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True)
+    with caplog.at_level("WARNING"):
+        prepare_model(model, method, make_rotations(method, model), QuantSpec())
+    assert "n=30 has no Hadamard construction" in caplog.text  # head_dim: R2 and R3
+    assert "n=330 has no Hadamard construction" in caplog.text
