@@ -80,3 +80,13 @@ def activation_stats(model: nn.Module, windows: torch.Tensor) -> list[dict]:
     for index, ((i, name), acc) in enumerate(accs.items()):
         rows.append({"layer": i, "linear": name.split(".")[-1], "index": index, **acc.result()})
     return rows
+
+
+def summarize_stats(rows: list[dict]) -> dict[str, float]:
+    """Model-level summary of ``activation_stats`` rows (what MLflow and the metrics files get)."""
+    t = {k: torch.tensor([r[k] for r in rows]) for k in ("absmax", "kurtosis", "max_median_ratio")}
+    return {
+        "act_absmax_max": t["absmax"].max().item(),
+        "act_kurtosis_mean": t["kurtosis"].mean().item(),
+        "act_max_median_ratio_mean": t["max_median_ratio"].mean().item(),
+    }

@@ -3,8 +3,9 @@
 The rest of the pipeline talks only to an adapter, never to HF attribute names. Llama, Qwen2 and
 Mistral share HF's decoder layout (``model.layers[i].self_attn.{q,k,v,o}_proj``,
 ``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``), so their adapters
-differ only in the facts that really differ (biases, sliding window); a new family with another layout
-overrides the accessors it needs.
+share ``DecoderAdapter`` whole: Qwen2's q/k/v biases are handled by the surgery itself (reader biases
+do not change under a residual rotation; v's bias is rotated with R2), and Mistral's sliding window
+lives inside attention, untouched. A family with another layout overrides the names and accessors.
 """
 from __future__ import annotations
 
@@ -32,14 +33,16 @@ class DecoderAdapter:
     """Accessors for an HF decoder-only causal LM with the Llama layout."""
 
     architecture: str = ""
-    attn_readers_have_bias: bool = False
 
-    # names of the linears inside a decoder layer, relative to the layer
+    # names of the linears and norms inside a decoder layer, relative to the layer
     ATTN_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     ATTN_WRITER = "self_attn.o_proj"
     MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
     MLP_WRITER = "mlp.down_proj"
     V_PROJ = "self_attn.v_proj"
+    ATTN_NORM = "input_layernorm"
+    MLP_NORM = "post_attention_layernorm"
+    FINAL_NORM = "model.norm"  # relative to the CausalLM
 
     def dims(self, model: nn.Module) -> Dims:
         c = model.config
@@ -63,15 +66,6 @@ class DecoderAdapter:
     def attention(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    def attn_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.input_layernorm
-
-    def mlp_norm(self, layer: nn.Module) -> nn.Module:
-        return layer.post_attention_layernorm
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        return model.model.norm
-
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.lm_head
 
@@ -79,11 +73,10 @@ class DecoderAdapter:
         """Every RMSNorm as ``(parent module, attribute name, linears that read its output)``."""
         sites = []
         for layer in self.layers(model):
-            sites.append((layer, "input_layernorm", [get_linear(layer, n) for n in self.ATTN_READERS]))
-            sites.append(
-                (layer, "post_attention_layernorm", [get_linear(layer, n) for n in self.MLP_READERS])
-            )
-        sites.append((model.model, "norm", [self.lm_head(model)]))
+            sites.append((layer, self.ATTN_NORM, [get_linear(layer, n) for n in self.ATTN_READERS]))
+            sites.append((layer, self.MLP_NORM, [get_linear(layer, n) for n in self.MLP_READERS]))
+        parent, _, attr = self.FINAL_NORM.rpartition(".")
+        sites.append((model.get_submodule(parent), attr, [self.lm_head(model)]))
         return sites
 
     def layer_linear_names(self) -> tuple[str, ...]:
@@ -101,7 +94,6 @@ class Qwen2Adapter(DecoderAdapter):
     """Qwen2/2.5 (``Qwen2ForCausalLM``): q/k/v carry biases."""
 
     architecture = "Qwen2ForCausalLM"
-    attn_readers_have_bias = True
 
 
 class MistralAdapter(DecoderAdapter):

@@ -11,8 +11,6 @@ swap, wrappers, attention ops) and loads the weights: its logits equal the in-me
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .adapters import adapter_for
-from .artifacts import load_tensors, save_tensors
+from .artifacts import atomic_dir, load_tensors, save_tensors
 from .errors import PipelineError
 from .methods import MethodSpec, attach_online_ops
 from .models import load_model, model_fingerprint
@@ -35,27 +33,16 @@ def save_fused(
     folder: str | Path, model: nn.Module, method: MethodSpec, quant: QuantSpec,
     model_cfg: DictConfig | dict, fingerprint: str,
 ) -> None:
-    """Write the checkpoint atomically (a temp folder renamed into place)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint into ``folder`` atomically (a temp folder renamed into place)."""
     config = {
         "method": asdict(method),
         "quant": asdict(quant),
         "model": OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg,
         "fingerprint": fingerprint,
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    save_tensors(staging / WEIGHTS, model.state_dict(), {"fingerprint": fingerprint, "method": method.name})
-    (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(staging, folder)
+    with atomic_dir(folder) as staging:
+        save_tensors(staging / WEIGHTS, model.state_dict(), {"fingerprint": fingerprint, "method": method.name})
+        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_fused(folder: str | Path, model_cfg: DictConfig | dict | None = None) -> tuple[nn.Module, object]:

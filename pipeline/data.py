@@ -9,6 +9,7 @@ dir the HF hub is used (``datasets.load_dataset``), as real users online expect.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 from .errors import PipelineError
 
 WIKITEXT_TEST_FILE = "wikitext-2-raw-test-noblank/wiki.test.raw"
+WIKITEXT_TRAIN_FILE = "wikitext-2-raw-train/wiki.train.raw"
 ENWIKI_FILE = "enwiki-gensim/enwiki.txt"
 
 
@@ -39,11 +41,19 @@ def _read_local(root: Path, rel: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def _hub_split(name: str, config: str, split: str) -> list[str]:
+def _join_rows(raw: str, drop_blank: bool) -> str:
+    """A raw WikiText file as the HF rows joined with ``"\\n\\n"`` (CRLF normalised first)."""
+    rows = raw.replace("\r\n", "\n").split("\n")
+    if rows and rows[-1] == "":
+        rows.pop()  # the file's final newline ends the last row, it is not an empty row
+    return "\n\n".join(r for r in rows if r.strip() or not drop_blank)
+
+
+def _hub_split(name: str, config: str, split: str, local_hint: str) -> list[str]:
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise PipelineError(
-            f"no data dir and the hub is off: set data.dir= or RSQ_DATA_DIR to a folder like ../shared/data "
-            f"(needed: {name}/{config} {split})"
+            f"{name}/{config} {split} is not available: the hub is off and no data dir holds {local_hint} "
+            "(set data.dir= or RSQ_DATA_DIR to a folder like ../shared/data)"
         )
     import datasets
 
@@ -57,9 +67,8 @@ def wikitext2_test_text(data_cfg: DictConfig | dict) -> str:
     """The WikiText-2 raw test split as one string (see module doc for the offline difference)."""
     root = data_dir(data_cfg)
     if root is None:
-        return "\n\n".join(_hub_split("wikitext", "wikitext-2-raw-v1", "test"))
-    raw = _read_local(root, WIKITEXT_TEST_FILE).replace("\r\n", "\n")
-    return "\n\n".join(line for line in raw.split("\n") if line.strip())
+        return "\n\n".join(_hub_split("wikitext", "wikitext-2-raw-v1", "test", WIKITEXT_TEST_FILE))
+    return _join_rows(_read_local(root, WIKITEXT_TEST_FILE), drop_blank=True)
 
 
 def calibration_text(data_cfg: DictConfig | dict) -> str:
@@ -67,15 +76,26 @@ def calibration_text(data_cfg: DictConfig | dict) -> str:
     source = data_cfg.get("calib_source")
     if source == "wikitext2_train":
         root = data_dir(data_cfg)
-        if root is not None and (root / "wikitext-2-raw-train" / "wiki.train.raw").is_file():
-            return _read_local(root, "wikitext-2-raw-train/wiki.train.raw")
-        return "\n\n".join(_hub_split("wikitext", "wikitext-2-raw-v1", "train"))
+        if root is not None and (root / WIKITEXT_TRAIN_FILE).is_file():
+            return _join_rows(_read_local(root, WIKITEXT_TRAIN_FILE), drop_blank=False)
+        return "\n\n".join(_hub_split("wikitext", "wikitext-2-raw-v1", "train", WIKITEXT_TRAIN_FILE))
     if source == "enwiki":
         root = data_dir(data_cfg)
         if root is None:
             raise PipelineError("data.calib_source=enwiki needs a data dir (data.dir= or RSQ_DATA_DIR)")
         return _read_local(root, ENWIKI_FILE)
     raise PipelineError(f"data.calib_source={source!r}: choose wikitext2_train or enwiki")
+
+
+def text_digest(text: str) -> str:
+    """Short sha256 of a text, recorded in metrics so a changed data file shows in ``dvc metrics diff``."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_seqlen(seqlen: int, max_positions: int | None, what: str) -> None:
+    """Refuse windows longer than the model's position range (they would run, and mean nothing)."""
+    if max_positions is not None and seqlen > max_positions:
+        raise PipelineError(f"{what}={seqlen} exceeds the model's max_position_embeddings={max_positions}")
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
@@ -98,6 +118,8 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
 
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """``(n, seqlen)`` windows at random starts, deterministic by ``seed`` (the papers' calibration)."""
+    if n < 1:
+        raise PipelineError(f"calib.n_windows={n}: must be at least 1")
     if ids.numel() <= seqlen:
         raise PipelineError(f"calibration text has {ids.numel()} tokens, need more than seqlen={seqlen}")
     gen = torch.Generator().manual_seed(seed)

@@ -7,7 +7,6 @@ Every method goes through the same machinery (DESIGN §1 table):
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +19,6 @@ from .hadamard import orthogonal_hadamard
 from .online import OnlineAttention, QuantLinear, use_online_attention
 from .quantizers import OFF_BITS, ActQuantizer, QuantSpec, quantize_weight_rtn
 from .surgery import apply_r1, apply_r2, fold_norms, fuse_r4, replace_norms, untie_embeddings
-
-log = logging.getLogger(__name__)
 
 ROTATION_KINDS = ("none", "hadamard", "random_hadamard")
 
@@ -38,6 +35,10 @@ class MethodSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise PipelineError(f"method.name={self.name!r}: must be a non-empty string")
+        if not isinstance(self.seed, int):
+            raise PipelineError(f"method.seed={self.seed!r}: must be an integer")
         for site in ("r1", "r2"):
             kind = getattr(self, site)
             if kind not in ROTATION_KINDS:
@@ -50,6 +51,8 @@ class MethodSpec:
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> "MethodSpec":
         known = {k: cfg[k] for k in ("name", "r1", "r2", "online_r3", "online_r4", "seed") if k in cfg}
+        if "name" not in known:
+            raise PipelineError("method config has no name")
         return cls(**known)
 
 
@@ -58,7 +61,7 @@ def quant_spec(cfg: DictConfig | dict) -> QuantSpec:
     fields = ("w_bits", "a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio", "w_mse_clip")
     try:
         return QuantSpec(**{k: cfg[k] for k in fields if k in cfg})
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise PipelineError(str(exc)) from None
 
 
@@ -88,9 +91,13 @@ def _check_rotations(rotations: dict[str, torch.Tensor], method: MethodSpec, ada
         raise PipelineError(f"method {method.name}: rotation set {'lacks' if method.r1 != 'none' else 'has'} R1")
     if "R1" in rotations and tuple(rotations["R1"].shape) != (dims.hidden, dims.hidden):
         raise PipelineError(f"R1 has shape {tuple(rotations['R1'].shape)}, model hidden size is {dims.hidden}")
-    n_r2 = sum(k.startswith("R2.") for k in rotations)
-    if method.r2 != "none" and n_r2 != dims.n_layers:
-        raise PipelineError(f"rotation set has {n_r2} R2 matrices, model has {dims.n_layers} layers")
+    r2 = {k: v for k, v in rotations.items() if k.startswith("R2.")}
+    expected = dims.n_layers if method.r2 != "none" else 0
+    if len(r2) != expected:
+        raise PipelineError(f"method {method.name}: rotation set has {len(r2)} R2 matrices, expected {expected}")
+    for key, R in r2.items():
+        if tuple(R.shape) != (dims.head_dim, dims.head_dim):
+            raise PipelineError(f"{key} has shape {tuple(R.shape)}, model head_dim is {dims.head_dim}")
 
 
 def prepare_model(

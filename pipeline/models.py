@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from .adapters import adapter_for
+from .artifacts import publish
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,19 @@ def load_model(model_cfg: DictConfig | dict) -> tuple[nn.Module, Any]:
             f"model {model_cfg.get('name')}: no model.path and unknown model.source={source!r} "
             "(use pypi_gguf, random_init, or set model.path to an HF id or local folder)"
         )
-    adapter_for(model)  # fail early, in one line, on an unsupported architecture
+    _warn_on_stale_sizes(model_cfg, model)
     model.eval()
     return model, tok
+
+
+def _warn_on_stale_sizes(model_cfg: DictConfig | dict, model: nn.Module) -> None:
+    """conf/model files state the sizes (for --cfg job and DVC params); say so if the loaded model differs."""
+    dims = adapter_for(model).dims(model)  # also fails early, in one line, on an unsupported architecture
+    loaded = {"hidden_size": dims.hidden, "intermediate_size": dims.intermediate, "num_hidden_layers": dims.n_layers}
+    for key, value in loaded.items():
+        stated = model_cfg.get(key)
+        if stated is not None and stated != value:
+            log.warning("model.%s=%s in the config, but the loaded model has %s", key, stated, value)
 
 
 def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
@@ -143,7 +154,7 @@ def converted_gguf_folder(model_cfg: DictConfig | dict) -> Path:
         model.save_pretrained(staging)
         tok.save_pretrained(staging)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, folder)  # atomic: a half-converted folder is never visible
+        publish(staging, folder)  # atomic: a half-converted folder is never visible
     return folder
 
 
@@ -186,3 +197,8 @@ def model_fingerprint(model: nn.Module) -> str:
     shapes = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
     blob = json.dumps({"arch": type(model).__name__, "dims": dims.__dict__, "shapes": shapes}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The model's position range (``max_position_embeddings``), if it declares one."""
+    return getattr(model.config, "max_position_embeddings", None)

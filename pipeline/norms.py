@@ -1,8 +1,8 @@
 """RMSNorm that computes in its input dtype (float64 stays float64).
 
 HF's ``LlamaRMSNorm`` upcasts to float32 even for float64 inputs, which floors function-preservation
-checks near 1e-7. After folding, every norm is replaced by this module; for float32/bf16 inputs it is
-numerically HF's norm (float32 inside, cast back).
+checks near 1e-7. After folding, every norm is replaced by this module; for other inputs it does what
+HF's does (normalise in float32, cast back to the input dtype, then scale).
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        h = x.to(compute)
+        h = x if x.dtype == torch.float64 else x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(compute) * h).to(x.dtype)
+        return self.weight * h.to(x.dtype)
 
     @classmethod
     def from_hf(cls, norm: nn.Module) -> "RMSNorm":

@@ -45,7 +45,12 @@ class QuantLinear(nn.Module):
 
 
 class OnlineAttention(nn.Module):
-    """R3 and KV fake quant on ``(batch, heads, seq, head_dim)`` Q/K/V after RoPE (and the cache)."""
+    """R3 and KV fake quant on ``(batch, heads, seq, head_dim)`` Q/K/V after RoPE.
+
+    HF updates its cache before calling the attention function, so the cache holds full-precision,
+    unrotated K/V and these ops re-apply to the whole cached K/V at each step: identical numbers to a
+    quantized cache (rotation and per-token quant are deterministic), not its memory saving.
+    """
 
     def __init__(self, r3: bool, kv_bits: int, kv_clip_ratio: float = 1.0) -> None:
         super().__init__()

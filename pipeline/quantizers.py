@@ -99,11 +99,11 @@ class QuantSpec:
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "kv_bits"):
             bits = getattr(self, name)
-            if not (2 <= bits <= 8 or bits == OFF_BITS):
+            if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == OFF_BITS):
                 raise ValueError(f"quant.{name}={bits}: must be 2..8 or 16 (off)")
         for name in ("a_clip_ratio", "kv_clip_ratio"):
             ratio = getattr(self, name)
-            if not 0.0 < ratio <= 1.0:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
                 raise ValueError(f"quant.{name}={ratio}: must be in (0, 1]")
 
 

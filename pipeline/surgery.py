@@ -104,9 +104,10 @@ def apply_r2(layer: nn.Module, adapter: DecoderAdapter, R2: torch.Tensor) -> Non
 
 @torch.no_grad()
 def fuse_r4(layer: nn.Module, adapter: DecoderAdapter) -> None:
-    """down_proj input rotation R4 = H (I, I), the normalised Hadamard: ``W_down <- W_down @ H``.
+    """down_proj input rotation R4 = H (I, I): ``W_down <- W_down @ H``.
 
-    Applied row-wise by the fast transform (``fht(W) == W @ H``), so no dense (I, I) matrix is built.
+    H is the normalised Hadamard, applied row-wise by the fast transform (``fht(W) == W @ H``, no dense
+    (I, I) matrix), or the seeded random orthogonal fallback where I has no Hadamard construction.
     The matching online op ``x <- x @ H`` runs on down_proj's input (see ``online.QuantLinear``), so
     ``(x @ H) @ (W @ H).T == x @ W.T``.
     """

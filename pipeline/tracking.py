@@ -5,17 +5,15 @@ Tracking URI: ``mlflow.tracking_uri`` if set, else env ``MLFLOW_TRACKING_URI``, 
 """
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .config import REPO_ROOT
+
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, str]:

@@ -111,3 +111,17 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(ValueError):
         save_tensors(path, {"x": torch.zeros(2)}, {"no": "fingerprint"})
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("calib.stats_windows=0", "calib.stats_windows=0: must be 1..calib.n_windows"),
+    ("calib.seqlen=1024", "calib.seqlen=1024 exceeds the model's max_position_embeddings=512"),
+])
+def test_bad_calibration_settings(tmp_path, override, expected):
+    _one_line_error(_stage(tmp_path, "calibrate.py", "+model=tiny_llama", override), expected)
+    assert not (tmp_path / "a").exists()
+
+
+def test_mistyped_quant_value(tmp_path):
+    _one_line_error(_stage(tmp_path, "fuse.py", "+model=tiny_llama", "quant.w_bits=four"),
+                    "quant.w_bits=four: must be 2..8 or 16 (off)")

@@ -57,3 +57,13 @@ def test_rotation_set_must_match_method():
         prepare_model(model, method, {}, QuantSpec())
     with pytest.raises(PipelineError, match="R1 has shape"):
         prepare_model(model, method, {"R1": torch.eye(8)}, QuantSpec())
+
+
+def test_r2_set_must_match_method_and_head_dim():
+    model, _ = load_model(model_cfg("tiny_llama"))
+    with pytest.raises(PipelineError, match="rotation set has 1 R2 matrices, expected 0"):
+        prepare_model(model, MethodSpec(name="rtn"), {"R2.0": torch.eye(32)}, QuantSpec())
+    method = MethodSpec(name="q", r2="hadamard")
+    bad = {"R2.0": torch.eye(32), "R2.1": torch.eye(16)}
+    with pytest.raises(PipelineError, match="R2.1 has shape \\(16, 16\\), model head_dim is 32"):
+        prepare_model(model, method, bad, QuantSpec())

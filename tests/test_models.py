@@ -22,7 +22,7 @@ def test_adapters_find_every_linear(name, arch, bias):
     adapter = adapter_for(model)
     assert type(model).__name__ == arch == adapter.architecture
     layer = adapter.layers(model)[0]
-    assert (layer.self_attn.q_proj.bias is not None) == bias == adapter.attn_readers_have_bias
+    assert (layer.self_attn.q_proj.bias is not None) == bias
     dims = adapter.dims(model)
     assert dims.n_heads % dims.n_kv_heads == 0 and dims.n_heads > dims.n_kv_heads  # GQA
     assert len(adapter.norm_sites(model)) == 2 * dims.n_layers + 1

@@ -5,14 +5,13 @@ import mlflow
 from omegaconf import DictConfig
 
 from .. import paths
-from ..act_stats import activation_stats
+from ..act_stats import activation_stats, summarize_stats
 from ..artifacts import load_tensors, write_csv
-from ..checkpoint import save_fused
+from ..checkpoint import CONFIG, save_fused
 from ..config import select_variant
 from ..methods import MethodSpec, prepare_model, quant_spec
 from ..models import load_model, model_fingerprint
 from ..tracking import stage_run
-from .calibrate import summarize_stats
 
 
 def run(cfg: DictConfig) -> None:
@@ -29,3 +28,4 @@ def run(cfg: DictConfig) -> None:
         save_fused(paths.fused(cfg, name), model, method, quant, cfg.model, fingerprint)
         mlflow.log_metrics(summarize_stats(rows))
         mlflow.log_artifact(str(paths.act_stats(cfg, name)))
+        mlflow.log_artifact(str(paths.fused(cfg, name) / CONFIG))  # the weights stay in DVC's cache

@@ -26,3 +26,4 @@ def run(cfg: DictConfig) -> None:
             "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True)),
         })
         mlflow.log_metrics({"n_rotations": len(rotations), "train_steps": 0})
+        mlflow.log_artifact(str(out))
