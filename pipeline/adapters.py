@@ -40,6 +40,8 @@ class DecoderAdapter:
     MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
     MLP_WRITER = "mlp.down_proj"
     V_PROJ = "self_attn.v_proj"
+    ATTENTION = "self_attn"
+    MLP = "mlp"
     ATTN_NORM = "input_layernorm"
     MLP_NORM = "post_attention_layernorm"
     FINAL_NORM = "model.norm"  # relative to the CausalLM
@@ -64,7 +66,7 @@ class DecoderAdapter:
         return list(model.model.layers)
 
     def attention(self, layer: nn.Module) -> nn.Module:
-        return layer.self_attn
+        return layer.get_submodule(self.ATTENTION)
 
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.lm_head

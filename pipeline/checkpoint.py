@@ -24,6 +24,7 @@ from .methods import MethodSpec, attach_online_ops
 from .models import load_model, model_fingerprint
 from .quantizers import QuantSpec
 from .surgery import replace_norms, untie_embeddings
+from .transitions import DenseTransitions, attach_dense_transitions
 
 WEIGHTS = "model.safetensors"
 CONFIG = "rsq_config.json"
@@ -69,6 +70,10 @@ def load_fused(folder: str | Path, model_cfg: DictConfig | dict | None = None) -
     untie_embeddings(model, adapter)
     replace_norms(model, adapter)
     attach_online_ops(model, adapter, method, quant)
+    if method.per_layer:
+        dims = adapter.dims(model)
+        dtype = adapter.embedding(model).weight.dtype
+        attach_dense_transitions(model, adapter, DenseTransitions.zeros(dims.n_layers, dims.hidden, dtype))
     tensors, _ = load_tensors(folder / WEIGHTS, fingerprint)
     model.load_state_dict(tensors, strict=True)
     model.eval()

@@ -1,9 +1,10 @@
 """Methods as data: which rotations a method makes, and how a model is transformed for it.
 
 Every method goes through the same machinery (DESIGN §1 table):
-- ``make_rotations``: the method's rotation set (``R1``: (D, D); ``R2.<i>``: (head_dim, head_dim)).
-- ``prepare_model``: fold norms, fuse R1/R2/R4 into the weights, fake-quantize weights, attach the
-  online ops (R3, R4, activation and KV quant). Quantization off + any rotations = the original model.
+- ``make_rotations``: the method's initial rotation set (see ``rotation_plan`` for the names);
+- ``prepare_model``: fold norms, fuse the rotation set and R4 into the weights (float64), fake-quantize
+  weights, attach the online ops (R3, R4, activation and KV quant, per-layer transitions).
+  Quantization off + any rotation set = the original model, to float64 precision.
 """
 from __future__ import annotations
 
@@ -14,24 +15,33 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .adapters import DecoderAdapter, adapter_for, get_linear, set_module
+from .cayley import orthonormalize
 from .errors import PipelineError
 from .hadamard import orthogonal_hadamard
 from .online import OnlineAttention, QuantLinear, use_online_attention
 from .quantizers import OFF_BITS, ActQuantizer, QuantSpec, quantize_weight_rtn
-from .surgery import apply_r1, apply_r2, fold_norms, fuse_r4, replace_norms, untie_embeddings
+from .rotation_plan import is_per_layer, rotation_plan, transform_tensor, transition_deltas
+from .surgery import fold_norms, fuse_r4, replace_norms, untie_embeddings
+from .transitions import DenseTransitions, attach_dense_transitions
 
 ROTATION_KINDS = ("none", "hadamard", "random_hadamard")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a method does to the model (see ``conf/method/*.yaml``)."""
+    """What a method does to the model (see ``conf/method/*.yaml``).
+
+    ``r1``/``r2`` name the initial rotations (trained methods start from them); ``per_layer`` gives
+    every layer its own bases A_i, B_i (all starting at R1) with transitions at the residual adds.
+    """
 
     name: str
     r1: str = "none"  # none | hadamard | random_hadamard
     r2: str = "none"
     online_r3: bool = False
     online_r4: bool = False
+    per_layer: bool = False
+    train: bool = False  # trained rotations (SpinQuant protocol); else the initial ones are final
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -43,6 +53,8 @@ class MethodSpec:
             kind = getattr(self, site)
             if kind not in ROTATION_KINDS:
                 raise PipelineError(f"method.{site}={kind}: choose one of {', '.join(ROTATION_KINDS)}")
+        if (self.per_layer or self.train) and self.r1 == "none":
+            raise PipelineError(f"method {self.name}: per_layer/train need an r1 to start from")
 
     @property
     def rotates(self) -> bool:
@@ -50,7 +62,8 @@ class MethodSpec:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> "MethodSpec":
-        known = {k: cfg[k] for k in ("name", "r1", "r2", "online_r3", "online_r4", "seed") if k in cfg}
+        fields = ("name", "r1", "r2", "online_r3", "online_r4", "per_layer", "train", "seed")
+        known = {k: cfg[k] for k in fields if k in cfg}
         if "name" not in known:
             raise PipelineError("method config has no name")
         return cls(**known)
@@ -72,32 +85,85 @@ def _rotation(kind: str, n: int, seed: int) -> torch.Tensor:
 
 
 def make_rotations(method: MethodSpec, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The method's untrained rotations, float64: ``R1`` (D, D) and ``R2.<layer>`` (hd, hd)."""
-    adapter = adapter_for(model)
-    dims = adapter.dims(model)
+    """The method's untrained rotations, float64.
+
+    Global: ``R1`` (D, D) and ``R2.<i>`` (hd, hd). Per-layer: ``A.0..A.L``, ``B.0..B.<L-1>``, all equal
+    to R1 (every transition starts at the identity), and ``R2.<i>``.
+    """
+    dims = adapter_for(model).dims(model)
     rotations: dict[str, torch.Tensor] = {}
     if method.r1 != "none":
-        rotations["R1"] = _rotation(method.r1, dims.hidden, method.seed)
+        R1 = _rotation(method.r1, dims.hidden, method.seed)
+        if method.per_layer:
+            rotations.update({f"A.{i}": R1.clone() for i in range(dims.n_layers + 1)})
+            rotations.update({f"B.{i}": R1.clone() for i in range(dims.n_layers)})
+        else:
+            rotations["R1"] = R1
     if method.r2 != "none":
         for i in range(dims.n_layers):
             rotations[f"R2.{i}"] = _rotation(method.r2, dims.head_dim, method.seed + 1 + i)
     return rotations
 
 
-def _check_rotations(rotations: dict[str, torch.Tensor], method: MethodSpec, adapter: DecoderAdapter,
-                     model: nn.Module) -> None:
-    dims = adapter.dims(model)
-    if (method.r1 != "none") != ("R1" in rotations):
-        raise PipelineError(f"method {method.name}: rotation set {'lacks' if method.r1 != 'none' else 'has'} R1")
-    if "R1" in rotations and tuple(rotations["R1"].shape) != (dims.hidden, dims.hidden):
-        raise PipelineError(f"R1 has shape {tuple(rotations['R1'].shape)}, model hidden size is {dims.hidden}")
-    r2 = {k: v for k, v in rotations.items() if k.startswith("R2.")}
-    expected = dims.n_layers if method.r2 != "none" else 0
-    if len(r2) != expected:
-        raise PipelineError(f"method {method.name}: rotation set has {len(r2)} R2 matrices, expected {expected}")
-    for key, R in r2.items():
-        if tuple(R.shape) != (dims.head_dim, dims.head_dim):
-            raise PipelineError(f"{key} has shape {tuple(R.shape)}, model head_dim is {dims.head_dim}")
+def check_rotations(rotations: dict[str, torch.Tensor], method: MethodSpec, model: nn.Module) -> None:
+    """Refuse (one line) a rotation set whose names or shapes do not fit ``method`` and ``model``."""
+    dims = adapter_for(model).dims(model)
+    hd, D, L = dims.head_dim, dims.hidden, dims.n_layers
+    expected: dict[str, tuple[int, int]] = {}
+    if method.r1 != "none" and method.per_layer:
+        expected.update({f"A.{i}": (D, D) for i in range(L + 1)})
+        expected.update({f"B.{i}": (D, D) for i in range(L)})
+    elif method.r1 != "none":
+        expected["R1"] = (D, D)
+    if method.r2 != "none":
+        expected.update({f"R2.{i}": (hd, hd) for i in range(L)})
+    missing, extra = sorted(set(expected) - set(rotations)), sorted(set(rotations) - set(expected))
+    if missing or extra:
+        raise PipelineError(
+            f"rotation set does not fit method {method.name}: "
+            + (f"lacks {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"has unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}" if extra else "")
+        )
+    for key, shape in expected.items():
+        if tuple(rotations[key].shape) != shape:
+            raise PipelineError(f"{key} has shape {tuple(rotations[key].shape)}, this model needs {shape}")
+
+
+def prepare_base(model: nn.Module, method: MethodSpec, quant: QuantSpec) -> DecoderAdapter:
+    """Everything but the rotation set and weight quant: untie, fold norms, fuse R4, online ops.
+
+    The result computes the original function (up to activation/KV quant); rotation training
+    parametrizes its weights, ``prepare_model`` fuses a rotation set into them.
+    """
+    adapter = adapter_for(model)
+    untie_embeddings(model, adapter)  # every method: one checkpoint layout for all
+    if method.rotates:
+        fold_norms(model, adapter)
+    else:
+        replace_norms(model, adapter)
+    if method.online_r4:
+        for layer in adapter.layers(model):
+            fuse_r4(layer, adapter)
+    attach_online_ops(model, adapter, method, quant)
+    return adapter
+
+
+@torch.no_grad()
+def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dict[str, torch.Tensor]) -> None:
+    """Fuse a rotation set into the weights in float64; per-layer sets also get dense transitions.
+
+    Every matrix is re-orthonormalised in float64 first (trained sets are stored in float32, orthogonal
+    to ~1e-7 only), so the fused model stays function-preserving to float64 precision.
+    """
+    r64 = {k: orthonormalize(v.detach().to(torch.float64)) for k, v in rotations.items()}
+    for module, attr, transforms in rotation_plan(model, adapter):
+        t = getattr(module, attr)
+        t.copy_(transform_tensor(t.detach().to(torch.float64), transforms, r64).to(t.dtype))
+    if is_per_layer(rotations):
+        dtype = adapter.embedding(model).weight.dtype
+        deltas = transition_deltas(r64, adapter.dims(model).n_layers)
+        attach_dense_transitions(model, adapter, DenseTransitions({k: v.to(dtype) for k, v in deltas.items()}))
 
 
 def prepare_model(
@@ -105,25 +171,13 @@ def prepare_model(
 ) -> nn.Module:
     """Transform ``model`` in place for ``method`` at ``quant`` and return it.
 
-    Order: untie -> fold norms (if the method rotates) -> R1 -> R2 -> R4 fused -> weight RTN ->
-    wrappers with online Hadamard / activation quant -> R3 + KV quant in attention.
+    Order: untie -> fold norms (if the method rotates) -> R4 fused -> online ops attached -> rotation
+    set fused (+ transitions) -> weight RTN.
     """
-    adapter = adapter_for(model)
-    _check_rotations(rotations, method, adapter, model)
-    untie_embeddings(model, adapter)  # every method: one checkpoint layout for all
-    if method.rotates:
-        fold_norms(model, adapter)
-    else:
-        replace_norms(model, adapter)
-    if "R1" in rotations:
-        apply_r1(model, adapter, rotations["R1"])
-    for i, layer in enumerate(adapter.layers(model)):
-        if f"R2.{i}" in rotations:
-            apply_r2(layer, adapter, rotations[f"R2.{i}"])
-        if method.online_r4:
-            fuse_r4(layer, adapter)
+    check_rotations(rotations, method, model)
+    adapter = prepare_base(model, method, quant)
+    apply_rotation_set(model, adapter, rotations)
     quantize_linear_weights(model, adapter, quant)
-    attach_online_ops(model, adapter, method, quant)
     return model
 
 

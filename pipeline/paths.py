@@ -18,8 +18,18 @@ def calib_windows(cfg: DictConfig) -> Path:
     return artifacts(cfg) / "calib" / "windows.safetensors"
 
 
-def rotations(cfg: DictConfig, name: str) -> Path:
-    return artifacts(cfg) / "rotations" / name / "global.safetensors"
+def rotations(cfg: DictConfig, name: str, stage: str = "global") -> Path:
+    """The rotation set of a variant: ``stage`` is ``global`` or ``layerwise``."""
+    return artifacts(cfg) / "rotations" / name / f"{stage}.safetensors"
+
+
+def train_checkpoint(cfg: DictConfig, name: str, stage: str) -> Path:
+    """Resumable training state; outside DVC's outs (DVC clears outs before a stage reruns)."""
+    return artifacts(cfg) / "checkpoints" / name / f"{stage}.safetensors"
+
+
+def loss_curve(cfg: DictConfig, name: str, stage: str) -> Path:
+    return metrics(cfg) / "train" / f"{name}_{stage}.csv"
 
 
 def fused(cfg: DictConfig, name: str) -> Path:

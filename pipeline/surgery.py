@@ -1,9 +1,9 @@
-"""Function-preserving weight surgery: norm folding and the R1/R2/R4 rotations (DESIGN §1).
+"""Function-preserving weight surgery: the rotation transforms, norm folding, untying, R4 (DESIGN §1).
 
 Conventions: ``nn.Linear`` computes ``y = x @ W.T`` with ``W`` of shape ``(out, in)``; activations are
 row vectors; rotating the residual stream means ``h -> h @ R`` with ``R`` orthogonal ``(D, D)``.
-Every function here is exact in float64: products are taken in float64 and cast back to the weight's
-dtype, so a float64 model stays float64-exact.
+In-place functions here are exact in float64: products are taken in float64 and cast back to the
+weight's dtype, so a float64 model stays float64-exact.
 """
 from __future__ import annotations
 
@@ -19,24 +19,41 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64)
 
 
-@torch.no_grad()
-def rotate_reader(linear: nn.Linear, R: torch.Tensor) -> None:
-    """A linear that READS the rotated stream: ``W <- W @ R`` (``W``: (out, D), ``R``: (D, D))."""
-    linear.weight.copy_((_f64(linear.weight) @ _f64(R)).to(linear.weight.dtype))
+# --- pure transforms on tensors: applied in float64 by methods.apply_rotation_set (fuse) and on the
+# fly with autograd by trainable.py (training), both through rotation_plan
+
+def reader(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """A linear that READS the rotated stream (or an embedding that writes it): ``W @ R``.
+
+    ``W``: (out, D) weight or (vocab, D) embedding, ``R``: (D, D).
+    """
+    return W @ R
 
 
-@torch.no_grad()
-def rotate_writer(linear: nn.Linear, R: torch.Tensor) -> None:
-    """A linear that WRITES the rotated stream: ``W <- R.T @ W``, ``b <- b @ R`` (``W``: (D, in))."""
-    linear.weight.copy_((_f64(R).T @ _f64(linear.weight)).to(linear.weight.dtype))
-    if linear.bias is not None:
-        linear.bias.copy_((_f64(linear.bias) @ _f64(R)).to(linear.bias.dtype))
+def writer(W: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """A linear that WRITES the rotated stream: ``R.T @ W`` (``W``: (D, in)); its bias: ``b @ R``."""
+    return R.T @ W
 
 
-@torch.no_grad()
-def rotate_embedding(embedding: nn.Embedding, R: torch.Tensor) -> None:
-    """The embedding writes the stream: ``E <- E @ R`` (``E``: (vocab, D))."""
-    embedding.weight.copy_((_f64(embedding.weight) @ _f64(R)).to(embedding.weight.dtype))
+def bias_writer(b: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """The bias of a stream writer: ``b @ R`` (``b``: (D,))."""
+    return b @ R
+
+
+def head_rows(W: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
+    """v_proj rows per head: ``W_h <- R2.T @ W_h`` (``W``: (kv_heads*hd, D)), so ``v_h <- v_h @ R2``."""
+    hd = R2.shape[0]
+    return (R2.T @ W.reshape(-1, hd, W.shape[1])).reshape(W.shape)
+
+
+def head_bias(b: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
+    """v_proj bias per head: ``b_h <- b_h @ R2``."""
+    return (b.reshape(-1, R2.shape[0]) @ R2).reshape(-1)
+
+
+def head_cols(W: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
+    """o_proj columns of every query head: ``W_h <- W_h @ R2`` (``W``: (D, heads*hd)); GQA-safe."""
+    return (W.reshape(W.shape[0], -1, R2.shape[0]) @ R2).reshape(W.shape)
 
 
 @torch.no_grad()
@@ -71,35 +88,6 @@ def replace_norms(model: nn.Module, adapter: DecoderAdapter) -> None:
     """Swap HF norms for dtype-faithful ``RMSNorm`` with the same weights (no folding)."""
     for parent, attr, _ in adapter.norm_sites(model):
         setattr(parent, attr, RMSNorm.from_hf(getattr(parent, attr)))
-
-
-def apply_r1(model: nn.Module, adapter: DecoderAdapter, R1: torch.Tensor) -> None:
-    """Rotate the residual stream of a norm-folded, untied model by one ``(D, D)`` R1."""
-    rotate_embedding(adapter.embedding(model), R1)
-    for layer in adapter.layers(model):
-        for name in (*adapter.ATTN_READERS, *adapter.MLP_READERS):
-            rotate_reader(get_linear(layer, name), R1)
-        for name in (adapter.ATTN_WRITER, adapter.MLP_WRITER):
-            rotate_writer(get_linear(layer, name), R1)
-    rotate_reader(adapter.lm_head(model), R1)
-
-
-@torch.no_grad()
-def apply_r2(layer: nn.Module, adapter: DecoderAdapter, R2: torch.Tensor) -> None:
-    """Rotate each head's value vector by ``R2`` (head_dim, head_dim): ``v_h <- v_h @ R2``.
-
-    v_proj rows of head h: ``W_h <- R2.T @ W_h`` (bias ``b_h <- b_h @ R2``); o_proj columns of every
-    query head: ``Wo_h <- Wo_h @ R2``. With GQA one R2 serves every query head of a KV group.
-    """
-    v, o = get_linear(layer, adapter.V_PROJ), get_linear(layer, adapter.ATTN_WRITER)
-    hd = R2.shape[0]
-    R = _f64(R2)
-    wv = _f64(v.weight).reshape(-1, hd, v.weight.shape[1])  # (kv_heads, hd, D)
-    v.weight.copy_((R.T @ wv).reshape(v.weight.shape).to(v.weight.dtype))
-    if v.bias is not None:
-        v.bias.copy_((_f64(v.bias).reshape(-1, hd) @ R).reshape(-1).to(v.bias.dtype))
-    wo = _f64(o.weight).reshape(o.weight.shape[0], -1, hd)  # (D, heads, hd)
-    o.weight.copy_((wo @ R).reshape(o.weight.shape).to(o.weight.dtype))
 
 
 @torch.no_grad()

@@ -55,15 +55,15 @@ def test_rotation_set_must_match_method():
     method = MethodSpec(name="quarot", r1="random_hadamard")
     with pytest.raises(PipelineError, match="lacks R1"):
         prepare_model(model, method, {}, QuantSpec())
-    with pytest.raises(PipelineError, match="R1 has shape"):
+    with pytest.raises(PipelineError, match="R1 has shape \\(8, 8\\), this model needs \\(192, 192\\)"):
         prepare_model(model, method, {"R1": torch.eye(8)}, QuantSpec())
 
 
 def test_r2_set_must_match_method_and_head_dim():
     model, _ = load_model(model_cfg("tiny_llama"))
-    with pytest.raises(PipelineError, match="rotation set has 1 R2 matrices, expected 0"):
+    with pytest.raises(PipelineError, match="does not fit method rtn: has unexpected R2.0"):
         prepare_model(model, MethodSpec(name="rtn"), {"R2.0": torch.eye(32)}, QuantSpec())
     method = MethodSpec(name="q", r2="hadamard")
     bad = {"R2.0": torch.eye(32), "R2.1": torch.eye(16)}
-    with pytest.raises(PipelineError, match="R2.1 has shape \\(16, 16\\), model head_dim is 32"):
+    with pytest.raises(PipelineError, match="R2.1 has shape \\(16, 16\\), this model needs \\(32, 32\\)"):
         prepare_model(model, method, bad, QuantSpec())

@@ -41,3 +41,14 @@ def test_every_quant_preset_is_valid():
     for path in (ROOT / "conf" / "quant").glob("*.yaml"):
         spec = quant_spec(OmegaConf.load(path))
         assert path.stem == f"w{spec.w_bits}a{spec.a_bits}" + ("" if spec.kv_bits == 16 else f"kv{spec.kv_bits}")
+
+
+def test_per_layer_variants_list_matches_methods():
+    cfg = compose_pipeline()
+    per_layer = sorted(k for k, v in cfg.variants.items() if v.method.per_layer)
+    assert sorted(cfg.per_layer_variants) == per_layer
+
+
+def test_calibration_windows_follow_train_profile():
+    cfg = compose_pipeline(["train=paper"])
+    assert (cfg.calib.n_windows, cfg.calib.seqlen) == (800, 2048)

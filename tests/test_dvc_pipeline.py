@@ -14,8 +14,8 @@ from conftest import ROOT
 from pipeline.config import write_params
 
 COPY = ["pipeline", "stages", "conf", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
-TINY = ["model=tiny_llama", "calib.n_windows=4", "calib.seqlen=128", "calib.stats_windows=2",
-        "eval.seqlen=128", "eval.max_windows=2"]
+TINY = ["model=tiny_llama", "train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2",
+        "train.checkpoint_every=1", "calib.stats_windows=2", "eval.seqlen=128", "eval.max_windows=2"]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:

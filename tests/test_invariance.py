@@ -70,3 +70,40 @@ def test_sizes_without_hadamard_fall_back_and_say_so(caplog):
         prepare_model(model, method, make_rotations(method, model), QuantSpec())
     assert "n=30 has no Hadamard construction" in caplog.text  # head_dim: R2 and R3
     assert "n=330 has no Hadamard construction" in caplog.text
+
+
+def _random_per_layer_set(model, seed: int) -> dict[str, torch.Tensor]:
+    """Distinct random orthogonal A_i, B_i (so every transition is far from I) and R2 per layer."""
+    from pipeline.cayley import orthonormalize
+
+    dims = adapter_for(model).dims(model)
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: orthonormalize(torch.randn(n, n, generator=g, dtype=torch.float64))  # noqa: E731
+    rotations = {f"A.{i}": rand(dims.hidden) for i in range(dims.n_layers + 1)}
+    rotations.update({f"B.{i}": rand(dims.hidden) for i in range(dims.n_layers)})
+    rotations.update({f"R2.{i}": rand(dims.head_dim) for i in range(dims.n_layers)})
+    return rotations
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_per_layer_bases_with_exact_transitions_match_original_float64(name, tokens):
+    reference = _f64_model(name)
+    replace_norms(reference, adapter_for(reference))
+    ref = _logits(reference, tokens)
+    model = _f64_model(name)
+    method = MethodSpec(name="layerwise", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True,
+                        per_layer=True)
+    prepare_model(model, method, _random_per_layer_set(model, seed=5), QuantSpec())
+    assert _max_rel(_logits(model, tokens), ref) <= 1e-9
+
+
+def test_per_layer_without_transitions_is_wrong(tokens):
+    """The transitions are what make per-layer bases exact: without them the function changes."""
+    reference = _f64_model("tiny_llama")
+    replace_norms(reference, adapter_for(reference))
+    model = _f64_model("tiny_llama")
+    method = MethodSpec(name="layerwise", r1="hadamard", r2="hadamard", per_layer=True)
+    prepare_model(model, method, _random_per_layer_set(model, seed=5), QuantSpec())
+    for buf in model.rsq_transitions.buffers():
+        buf.zero_()  # the buffers hold T - I: zero means no transition
+    assert _max_rel(_logits(model, tokens), _logits(reference, tokens)) > 1e-2

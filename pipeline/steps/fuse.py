@@ -19,7 +19,7 @@ def run(cfg: DictConfig) -> None:
     method, quant = MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant)
     model, _ = load_model(cfg.model)
     fingerprint = model_fingerprint(model)
-    rotations, _ = load_tensors(paths.rotations(cfg, name), fingerprint)
+    rotations, _ = load_tensors(paths.rotations(cfg, name, "layerwise" if method.per_layer else "global"), fingerprint)
     windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
     with stage_run(cfg, "fuse", name):
         prepare_model(model, method, rotations, quant)

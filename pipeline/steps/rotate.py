@@ -1,29 +1,145 @@
-"""rotate_global: the method's global rotations (QuaRot: seeded random Hadamards, no training)."""
+"""rotate_global and rotate_layerwise (one script: stages/train_rotation.py, ``rotation_stage=``).
+
+- rotate_global: the method's global rotation set R1 + R2 per layer. Untrained methods (QuaRot) write
+  their seeded Hadamards; trained ones (SpinQuant, and the first stage of per-layer methods) train them.
+- rotate_layerwise: per-layer methods only: bases A_i, B_i all start from the global R1 (every
+  transition starts at I) and R2 from the global result, then train with exact dense transitions.
+"""
 from __future__ import annotations
 
 import json
+import resource
+from dataclasses import asdict, replace
 
 import mlflow
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .. import distributed as ddp
 from .. import paths
-from ..artifacts import save_tensors
+from ..artifacts import load_tensors, save_tensors, write_csv
 from ..config import select_variant
-from ..methods import MethodSpec, make_rotations
+from ..errors import PipelineError
+from ..methods import MethodSpec, check_rotations, make_rotations, prepare_base, quant_spec
 from ..models import load_model, model_fingerprint
 from ..tracking import stage_run
+from ..train import TrainSpec, TrainState, train_rotations
+from ..trainable import TrainableRotations, parametrize_rotations
+
+STAGES = ("global", "layerwise")
+
+
+def train_spec(cfg: DictConfig) -> TrainSpec:
+    fields = TrainSpec.__dataclass_fields__
+    return TrainSpec(**{k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k in fields})
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _layerwise_init(global_set: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    out = {k: v for k, v in global_set.items() if k.startswith("R2.")}
+    out.update({f"A.{i}": global_set["R1"].clone() for i in range(n_layers + 1)})
+    out.update({f"B.{i}": global_set["R1"].clone() for i in range(n_layers)})
+    return out
+
+
+def _load_checkpoint(path, fingerprint: str, signature: str, rotations: TrainableRotations) -> TrainState:
+    """Resume state if a checkpoint of this very run exists (same model and settings), else fresh."""
+    if not path.is_file():
+        return TrainState()
+    tensors, meta = load_tensors(path, fingerprint)
+    if meta.get("signature") != signature:
+        return TrainState()
+    with torch.no_grad():
+        for name, p in rotations.as_dict().items():
+            p.copy_(tensors[f"rot/{name}"].to(p.device, p.dtype))
+    momentum = {k[len("mom/"):]: v for k, v in tensors.items() if k.startswith("mom/")}
+    print(f"resuming from {path} at step {meta['step']}")
+    return TrainState(step=int(meta["step"]), losses=json.loads(meta["losses"]), momentum=momentum,
+                      step_seconds=json.loads(meta["step_seconds"]))
 
 
 def run(cfg: DictConfig) -> None:
+    stage = cfg.get("rotation_stage", "global")
+    if stage not in STAGES:
+        raise PipelineError(f"rotation_stage={stage}: choose one of {', '.join(STAGES)}")
     name, cfg = select_variant(cfg)
     method = MethodSpec.from_cfg(cfg.method)
+    if stage == "layerwise" and not method.per_layer:
+        raise PipelineError(f"method {method.name} has no per-layer bases: rotate_layerwise does not apply")
     model, _ = load_model(cfg.model)
-    with stage_run(cfg, "rotate_global", name):
-        rotations = make_rotations(method, model)
-        out = paths.rotations(cfg, name)
-        save_tensors(out, rotations, {
-            "fingerprint": model_fingerprint(model), "model": cfg.model.name, "method": method.name,
-            "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True)),
-        })
-        mlflow.log_metrics({"n_rotations": len(rotations), "train_steps": 0})
+    fingerprint = model_fingerprint(model)
+    global_method = replace(method, per_layer=False)
+    if stage == "global":
+        init = make_rotations(global_method, model)
+    else:
+        global_set, _ = load_tensors(paths.rotations(cfg, name, "global"), fingerprint)
+        check_rotations(global_set, global_method, model)
+        init = _layerwise_init(global_set, model.config.num_hidden_layers)
+    out = paths.rotations(cfg, name, stage)
+    meta = {"fingerprint": fingerprint, "model": cfg.model.name, "method": method.name, "stage": stage,
+            "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True))}
+
+    if not method.train:
+        with stage_run(cfg, f"rotate_{stage}", name):
+            save_tensors(out, init, meta)
+            mlflow.log_metrics({"n_rotations": len(init), "train_steps": 0})
+            mlflow.log_artifact(str(out))
+        return
+
+    spec = train_spec(cfg)
+    device = _device(cfg.train.device)
+    ddp.init_from_env(device)
+    train_quant = quant_spec(cfg.quant) if cfg.train.quantize_weights else replace(quant_spec(cfg.quant), w_bits=16)
+    adapter = prepare_base(model, method, train_quant)
+    model.to(device)
+    if cfg.train.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # HF checkpoints only in training mode; the model has no dropout to switch on
+    rotations = TrainableRotations(init).to(device)
+    parametrize_rotations(model, adapter, rotations)
+    windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
+    windows = windows["windows"].to(device)
+    signature = json.dumps({"train": asdict(spec), "quant": asdict(train_quant), "method": asdict(method),
+                            "windows": list(windows.shape), "world": ddp.world_size()}, sort_keys=True)
+    ckpt = paths.train_checkpoint(cfg, name, stage)
+    state = _load_checkpoint(ckpt, fingerprint, signature, rotations)
+
+    def save_checkpoint(s: TrainState) -> None:
+        if not ddp.is_main():
+            return
+        tensors = {f"rot/{k}": v.detach().cpu() for k, v in rotations.as_dict().items()}
+        tensors.update({f"mom/{k}": v for k, v in s.momentum.items()})
+        save_tensors(ckpt, tensors, {"fingerprint": fingerprint, "signature": signature, "step": str(s.step),
+                                     "losses": json.dumps(s.losses), "step_seconds": json.dumps(s.step_seconds)})
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    state = train_rotations(model, rotations, windows, spec, state, save_checkpoint, desc=f"rotate_{stage} {name}")
+    if not ddp.is_main():
+        return
+    trained = rotations.export()
+    with stage_run(cfg, f"rotate_{stage}", name):
+        save_tensors(out, trained, {**meta, "train_steps": str(state.step)})
+        curve = paths.loss_curve(cfg, name, stage)
+        write_csv(curve, [{"step": i + 1, "loss": loss} for i, loss in enumerate(state.losses)])
+        for i, loss in enumerate(state.losses):
+            mlflow.log_metric("train_loss", loss, step=i + 1)
+        timed = state.step_seconds[1:] or state.step_seconds  # the first step pays warm-up
+        metrics = {
+            "train_steps": state.step, "train_loss_first": state.losses[0] if state.losses else float("nan"),
+            "train_loss_last": state.losses[-1] if state.losses else float("nan"),
+            "train_step_seconds": sum(timed) / max(len(timed), 1),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "orthogonality_error_fp32": rotations.max_orthogonality_error(),
+        }
+        if device.type == "cuda":
+            metrics["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(out))
+        mlflow.log_artifact(str(curve))
+    ckpt.unlink(missing_ok=True)

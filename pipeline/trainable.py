@@ -1,0 +1,83 @@
+"""Trainable rotations on the stock model: weights fused on the fly through torch parametrizations.
+
+``parametrize_rotations`` registers, on every weight the rotation plan touches, a parametrization
+``W -> transforms(W)`` that reads the live rotation Parameters; the frozen base weights stay the
+norm-folded, R4-fused originals. Autograd then reaches the rotations through every weight (and through
+the per-layer transitions, which are hooks computing ``(h @ A.T) @ B - h``). ``fold_rotations``
+removes the parametrizations and the hooks, leaving plain weights (FlatQuant's ``reparameterize``).
+This works with HF gradient checkpointing, since a recomputed forward re-reads the parametrized weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
+
+from .adapters import DecoderAdapter
+from .cayley import orthonormalize
+from .rotation_plan import Transform, is_per_layer, rotation_plan, transform_tensor
+from .transitions import attach_transitions
+
+
+class TrainableRotations(nn.Module):
+    """A rotation set (names as in ``rotation_plan``) held as Parameters of ``dtype``."""
+
+    def __init__(self, init: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.names = sorted(init)
+        self.mats = nn.ParameterList([nn.Parameter(init[k].detach().to(dtype).clone()) for k in self.names])
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.mats))
+
+    @torch.no_grad()
+    def export(self) -> dict[str, torch.Tensor]:
+        """Detached copies, re-orthonormalised in float64 and stored as float32."""
+        return {k: orthonormalize(v.detach().to(torch.float64)).to(torch.float32) for k, v in self.as_dict().items()}
+
+    def max_orthogonality_error(self) -> float:
+        """max over matrices of ``max |R.T R - I|``."""
+        with torch.no_grad():
+            return max((R.T @ R - torch.eye(R.shape[0], dtype=R.dtype, device=R.device)).abs().max().item()
+                       for R in self.mats)
+
+
+class RotatedWeight(nn.Module):
+    """Parametrization ``W -> transforms(W)`` with the current rotations (not a submodule of it)."""
+
+    def __init__(self, transforms: list[tuple[Transform, str]], rotations: TrainableRotations) -> None:
+        super().__init__()
+        self.transforms = transforms
+        self.current = rotations.as_dict  # a bound method, so the rotations are not registered twice
+
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return transform_tensor(W, self.transforms, self.current())
+
+
+def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: TrainableRotations) -> list[RemovableHandle]:
+    """Freeze the model, fuse ``rotations`` into its weights on the fly; returns the transition hooks."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module, attr, transforms in rotation_plan(model, adapter):
+        parametrize.register_parametrization(module, attr, RotatedWeight(transforms, rotations))
+    if not is_per_layer(rotations.as_dict()):
+        return []
+
+    def transition(key: str, h: torch.Tensor) -> torch.Tensor:
+        site, i = key.split(".")
+        r = rotations.as_dict()
+        src, dst = (f"A.{i}", f"B.{i}") if site == "attn" else (f"B.{i}", f"A.{int(i) + 1}")
+        return (h @ r[src].T.to(h.dtype)) @ r[dst].to(h.dtype) - h
+
+    return attach_transitions(model, adapter, transition)
+
+
+def fold_rotations(model: nn.Module, handles: list[RemovableHandle]) -> None:
+    """Remove every rotation parametrization (keeping the rotated values) and the transition hooks."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    for h in handles:
+        h.remove()

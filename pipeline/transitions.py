@@ -1,0 +1,71 @@
+"""Residual-basis transitions at every residual add (per-layer rotations, DESIGN §1).
+
+A decoder layer computes ``h <- h + attn(norm(h))`` then ``h <- h + mlp(norm(h))``. With per-layer
+bases the skip path ``h`` is in the block's input basis and the block's output in its output basis, so
+the add must be ``h @ T + out``. We write that as ``out + h @ (T - I)`` added to the block's output:
+a forward pre-hook on the block's norm stashes ``h`` (the norm's input is exactly the residual stream),
+and a forward hook on the block adds ``apply(key, h)``. Keys: ``attn.<i>``, ``ffn.<i>``. Hooks are
+PyTorch's public module-hook API; HF's layer code is not touched.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .adapters import DecoderAdapter
+
+
+def attach_transitions(
+    model: nn.Module, adapter: DecoderAdapter, apply: Callable[[str, torch.Tensor], torch.Tensor]
+) -> list[RemovableHandle]:
+    """Add ``apply(key, h)`` (``h``: (..., D) residual into the block) to every attention/MLP output."""
+    handles: list[RemovableHandle] = []
+    for i, layer in enumerate(adapter.layers(model)):
+        for norm_name, block_name, site in ((adapter.ATTN_NORM, adapter.ATTENTION, "attn"),
+                                            (adapter.MLP_NORM, adapter.MLP, "ffn")):
+            stash: dict[str, torch.Tensor] = {}
+
+            def keep(module, args, stash=stash):
+                stash["h"] = args[0]
+
+            def add(module, args, out, stash=stash, key=f"{site}.{i}"):
+                extra = apply(key, stash.pop("h"))
+                if isinstance(out, tuple):  # attention returns (output, weights)
+                    return (out[0] + extra.to(out[0].dtype), *out[1:])
+                return out + extra.to(out.dtype)
+
+            handles.append(layer.get_submodule(norm_name).register_forward_pre_hook(keep))
+            handles.append(layer.get_submodule(block_name).register_forward_hook(add))
+    return handles
+
+
+class DenseTransitions(nn.Module):
+    """The exact transitions of a fused per-layer model: ``T - I`` (D, D) per residual add, as buffers.
+
+    Online cost: one dense D x D matmul per token per add (the expensive exact layer-wise baseline).
+    """
+
+    def __init__(self, deltas: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for key, delta in deltas.items():
+            self.register_buffer(key.replace(".", "_"), delta.detach().clone())
+
+    def forward(self, key: str, h: torch.Tensor) -> torch.Tensor:
+        """``h @ (T - I)`` for the add named ``key``; ``h``: (..., D)."""
+        delta = getattr(self, key.replace(".", "_"))
+        return h @ delta.to(h.dtype)
+
+    @classmethod
+    def zeros(cls, n_layers: int, hidden: int, dtype: torch.dtype) -> "DenseTransitions":
+        """Right-shaped buffers for loading a checkpoint into."""
+        return cls({f"{s}.{i}": torch.zeros(hidden, hidden, dtype=dtype)
+                    for i in range(n_layers) for s in ("attn", "ffn")})
+
+
+def attach_dense_transitions(model: nn.Module, adapter: DecoderAdapter, transitions: DenseTransitions) -> None:
+    """Own ``transitions`` as ``model.rsq_transitions`` (saved with the weights) and hook them in."""
+    model.rsq_transitions = transitions
+    attach_transitions(model, adapter, transitions)
