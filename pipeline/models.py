@@ -172,8 +172,11 @@ def byte_tokenizer() -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
 
 
-def build_random_model(model_cfg: DictConfig | dict, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """A random-init model from ``model.config`` (an HF config dict with ``model_type``), seeded."""
+def build_random_model(
+    model_cfg: DictConfig | dict, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Any]:
+    """A random-init model from ``model.config`` (an HF config dict with ``model_type``), seeded,
+    initialised directly on ``device`` (an 8B-shaped model on a GPU takes seconds, not minutes)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf = model_cfg["config"]
@@ -182,7 +185,8 @@ def build_random_model(model_cfg: DictConfig | dict, dtype: torch.dtype) -> tupl
     config = AutoConfig.for_model(model_type, **hf)
     config._attn_implementation = "sdpa"
     torch.manual_seed(int(model_cfg.get("seed", 0)))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random-init norms are all ones; give them spread so that norm folding is really exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -81,3 +81,13 @@ def fold_rotations(model: nn.Module, handles: list[RemovableHandle]) -> None:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     for h in handles:
         h.remove()
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """HF activation (gradient) checkpointing: recompute each layer in backward to save memory.
+
+    HF checkpoints only in training mode; our models have no dropout, so train() changes nothing else.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()

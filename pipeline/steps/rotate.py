@@ -24,7 +24,7 @@ from ..methods import MethodSpec, check_rotations, make_rotations, prepare_base,
 from ..models import load_model, model_fingerprint
 from ..tracking import stage_run
 from ..train import TrainSpec, TrainState, train_rotations
-from ..trainable import TrainableRotations, parametrize_rotations
+from ..trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
 
 STAGES = ("global", "layerwise")
 
@@ -98,8 +98,7 @@ def run(cfg: DictConfig) -> None:
     adapter = prepare_base(model, method, train_quant)
     model.to(device)
     if cfg.train.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.train()  # HF checkpoints only in training mode; the model has no dropout to switch on
+        enable_checkpointing(model)
     rotations = TrainableRotations(init).to(device)
     parametrize_rotations(model, adapter, rotations)
     windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
