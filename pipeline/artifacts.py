@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -94,6 +95,16 @@ def load_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[dict
             f"not this one ({fingerprint}): rerun its stage for this model"
         )
     return tensors, metadata
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """Short sha256 of the tensors' bytes (and shapes): tells two runs' inputs apart."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import distributed as ddp
 from .. import paths
-from ..artifacts import load_tensors, save_tensors, write_csv
+from ..artifacts import load_tensors, save_tensors, tensor_digest, write_csv
 from ..config import select_variant
 from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations, make_rotations, prepare_base, quant_spec
@@ -85,6 +85,8 @@ def run(cfg: DictConfig) -> None:
             "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True))}
 
     if not method.train:
+        if not ddp.is_main():
+            return
         with stage_run(cfg, f"rotate_{stage}", name):
             save_tensors(out, init, meta)
             mlflow.log_metrics({"n_rotations": len(init), "train_steps": 0})
@@ -103,8 +105,10 @@ def run(cfg: DictConfig) -> None:
     parametrize_rotations(model, adapter, rotations)
     windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
     windows = windows["windows"].to(device)
+    # a checkpoint resumes only the very same run: same settings, ranks, calibration tokens and start
     signature = json.dumps({"train": asdict(spec), "quant": asdict(train_quant), "method": asdict(method),
-                            "windows": list(windows.shape), "world": ddp.world_size()}, sort_keys=True)
+                            "windows": tensor_digest(windows), "init": tensor_digest(*init.values()),
+                            "world": ddp.world_size()}, sort_keys=True)
     ckpt = paths.train_checkpoint(cfg, name, stage)
     state = _load_checkpoint(ckpt, fingerprint, signature, rotations)
 
