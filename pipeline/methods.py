@@ -84,6 +84,13 @@ def _rotation(kind: str, n: int, seed: int) -> torch.Tensor:
     return orthogonal_hadamard(n, seed=seed)
 
 
+def per_layer_bases(R1: torch.Tensor, n_layers: int) -> dict[str, torch.Tensor]:
+    """``A.0..A.L`` and ``B.0..B.<L-1>`` all equal to ``R1``: every transition starts at the identity."""
+    bases = {f"A.{i}": R1.clone() for i in range(n_layers + 1)}
+    bases.update({f"B.{i}": R1.clone() for i in range(n_layers)})
+    return bases
+
+
 def make_rotations(method: MethodSpec, model: nn.Module) -> dict[str, torch.Tensor]:
     """The method's untrained rotations, float64.
 
@@ -94,11 +101,7 @@ def make_rotations(method: MethodSpec, model: nn.Module) -> dict[str, torch.Tens
     rotations: dict[str, torch.Tensor] = {}
     if method.r1 != "none":
         R1 = _rotation(method.r1, dims.hidden, method.seed)
-        if method.per_layer:
-            rotations.update({f"A.{i}": R1.clone() for i in range(dims.n_layers + 1)})
-            rotations.update({f"B.{i}": R1.clone() for i in range(dims.n_layers)})
-        else:
-            rotations["R1"] = R1
+        rotations.update(per_layer_bases(R1, dims.n_layers) if method.per_layer else {"R1": R1})
     if method.r2 != "none":
         for i in range(dims.n_layers):
             rotations[f"R2.{i}"] = _rotation(method.r2, dims.head_dim, method.seed + 1 + i)

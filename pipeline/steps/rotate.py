@@ -20,7 +20,7 @@ from .. import paths
 from ..artifacts import load_tensors, save_tensors, tensor_digest, write_csv
 from ..config import select_variant
 from ..errors import PipelineError
-from ..methods import MethodSpec, check_rotations, make_rotations, prepare_base, quant_spec
+from ..methods import MethodSpec, check_rotations, make_rotations, per_layer_bases, prepare_base, quant_spec
 from ..models import load_model, model_fingerprint
 from ..tracking import stage_run
 from ..train import TrainSpec, TrainState, train_rotations
@@ -38,13 +38,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _layerwise_init(global_set: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    out = {k: v for k, v in global_set.items() if k.startswith("R2.")}
-    out.update({f"A.{i}": global_set["R1"].clone() for i in range(n_layers + 1)})
-    out.update({f"B.{i}": global_set["R1"].clone() for i in range(n_layers)})
-    return out
 
 
 def _load_checkpoint(path, fingerprint: str, signature: str, rotations: TrainableRotations) -> TrainState:
@@ -79,7 +72,8 @@ def run(cfg: DictConfig) -> None:
     else:
         global_set, _ = load_tensors(paths.rotations(cfg, name, "global"), fingerprint)
         check_rotations(global_set, global_method, model)
-        init = _layerwise_init(global_set, model.config.num_hidden_layers)
+        init = {k: v for k, v in global_set.items() if k.startswith("R2.")}
+        init.update(per_layer_bases(global_set["R1"], model.config.num_hidden_layers))
     out = paths.rotations(cfg, name, stage)
     meta = {"fingerprint": fingerprint, "model": cfg.model.name, "method": method.name, "stage": stage,
             "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True))}
