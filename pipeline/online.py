@@ -24,7 +24,9 @@ ATTN_IMPL = "rsq_sdpa"
 class QuantLinear(nn.Module):
     """``y = Linear(Q_a(x @ H))``: online Hadamard (optional), activation quant (optional), linear.
 
-    ``x``: ``(..., in)`` -> ``(..., out)``. ``linear.weight`` holds the (fake-)quantized weight.
+    ``x``: ``(..., in)`` -> ``(..., out)``. ``linear.weight`` holds the (fake-)quantized weight; once
+    weights are quantized, the buffer ``weight_scale`` (out, G) holds their scales (None before), so
+    ``linear.weight / weight_scale`` are the integer codes the checkpoint packs.
     """
 
     def __init__(self, linear: nn.Linear, act_quant: ActQuantizer | None, rotate_input: bool) -> None:
@@ -32,6 +34,7 @@ class QuantLinear(nn.Module):
         self.linear = linear
         self.act_quant = act_quant
         self.rotate_input = rotate_input
+        self.register_buffer("weight_scale", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rotate_input:

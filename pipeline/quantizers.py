@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 OFF_BITS = 16  # a bit-width of 16 means "not quantized"
+WEIGHT_METHODS = ("rtn", "gptq")
 
 
 def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -95,8 +96,21 @@ class QuantSpec:
     a_clip_ratio: float = 1.0
     kv_clip_ratio: float = 1.0
     w_mse_clip: bool = True
+    weight_method: str = "rtn"  # rtn | gptq
+    w_group_size: int = 0  # 0 = one scale per output channel
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    gptq_act_order: bool = False
 
     def __post_init__(self) -> None:
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"quant.weight_method={self.weight_method}: choose one of {', '.join(WEIGHT_METHODS)}")
+        for name in ("w_group_size", "gptq_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "w_group_size" else 1):
+                raise ValueError(f"quant.{name}={value}: must be an integer >= {0 if name == 'w_group_size' else 1}")
+        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or self.gptq_damp <= 0:
+            raise ValueError(f"quant.gptq_damp={self.gptq_damp}: must be > 0")
         for name in ("w_bits", "a_bits", "kv_bits"):
             bits = getattr(self, name)
             if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == OFF_BITS):

@@ -1,0 +1,142 @@
+"""GPTQ (Frantar et al. 2022) on the fused model, layer by layer, with every online op active.
+
+``gptq`` quantizes one weight given the Hessian ``H = 2/n Σ x xᵀ`` of its inputs: columns in order (or
+by descending ``diag(H)``, act-order), each rounded on a fixed symmetric grid (per-output-channel or
+per-group scales with MSE clip, computed from the unquantized weight) and its rounding error spread
+over the columns not yet quantized through the upper Cholesky factor of ``H⁻¹``, in blocks of 128.
+
+``gptq_model`` runs the calibration windows through the decoder one layer at a time: it caches the
+inputs of the current layer, collects each linear's Hessian from the input the linear really sees
+(after online Hadamard and activation quant, with R3, KV quant and the residual transitions active),
+quantizes the linears group by group (q/k/v, o, gate/up, down: each later group sees the already
+quantized earlier ones) and feeds the quantized layer's outputs to the next layer. Peak memory is the
+model plus one layer's activations for the cached windows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import DecoderAdapter, get_linear
+from .quantizers import QuantSpec
+from .weight_quant import dequantize, expand, quantize_codes, weight_scale
+
+
+@torch.no_grad()
+def gptq(
+    w: torch.Tensor, H: torch.Tensor, bits: int, mse_clip: bool = True, group_size: int = 0,
+    damp: float = 0.01, block: int = 128, act_order: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ codes of ``w`` (out, in) for input Hessian ``H`` (in, in).
+
+    Returns ``(codes int8 (out, in), scale (out, G))``; ``dequantize(codes, scale)`` is the weight.
+    ``damp`` adds ``damp * mean(diag H)`` to the diagonal.
+    """
+    W = w.detach().to(torch.float32).clone()
+    H = H.detach().to(torch.float64).clone()
+    k = W.shape[1]
+    scale = weight_scale(W, bits, mse_clip, group_size)  # static grid: groups stay contiguous under act-order
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    col_scale = expand(scale, k)[:, perm].to(torch.float32)
+    H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    codes = torch.zeros_like(W, dtype=torch.int8)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col, s = W1[:, i : i + 1], col_scale[:, i1 + i : i1 + i + 1]
+            q = quantize_codes(col, s, bits)
+            codes[:, i1 + i : i1 + i + 1] = q
+            err = (col - q.to(torch.float32) * s) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+            err1[:, i : i + 1] = err
+        W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
+    return codes[:, torch.argsort(perm)], scale
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Each window's hidden states entering ``first`` ((1, T, D) each) and the layer's keyword args."""
+    inputs: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def catch(module, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for row in windows:
+            try:
+                model(row[None], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    outs = []
+    for h in inputs:
+        out = layer(h, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def gptq_model(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor, quant: QuantSpec,
+               desc: str = "gptq") -> None:
+    """GPTQ every decoder linear of the prepared (fused, online ops attached) ``model`` in place.
+
+    ``windows``: (N, T) calibration token ids. Each ``QuantLinear``'s ``linear.weight`` becomes
+    ``dequantize(codes, scale)`` and its ``weight_scale`` buffer the scale (out, G).
+    """
+    layers = adapter.layers(model)
+    inputs, kwargs = _layer_inputs(model, layers[0], windows)
+    groups = [adapter.ATTN_READERS, (adapter.ATTN_WRITER,), adapter.MLP_READERS, (adapter.MLP_WRITER,)]
+    for layer in tqdm(layers, desc=desc, unit="layer"):
+        for group in groups:
+            hessians = {name: _Hessian() for name in group}
+            handles = [get_linear(layer, name).register_forward_pre_hook(hessians[name].add) for name in group]
+            try:
+                _run_layer(layer, inputs, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name in group:
+                qlin = layer.get_submodule(name)
+                linear = get_linear(layer, name)
+                codes, scale = gptq(linear.weight, hessians[name].value(), quant.w_bits, quant.w_mse_clip,
+                                    quant.w_group_size, quant.gptq_damp, quant.gptq_block, quant.gptq_act_order)
+                linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
+                qlin.weight_scale = scale.to(linear.weight.dtype)
+        inputs = _run_layer(layer, inputs, kwargs)
+
+
+class _Hessian:
+    """Running ``2/n Σ x xᵀ`` over the rows of a linear's inputs (a forward pre-hook)."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+        xtx = x.T @ x
+        self.sum = xtx if self.sum is None else self.sum + xtx
+        self.n += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        return self.sum * (2.0 / self.n)
