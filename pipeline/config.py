@@ -75,23 +75,61 @@ def _overrides_position(argv: list[str]) -> int:
 
 
 def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
-    """The run's name and config with ``method``/``quant`` of the chosen variant.
+    """The run's output name, and its config with the chosen variant's ``method``/``quant``/``approx``
+    and ``sources``: the names whose ``global``/``layerwise`` rotation sets the run reads and writes.
 
-    With ``variant=NAME`` (DVC stages), ``variants.NAME.{method,quant}`` replace ``method``/``quant``.
-    Without it (hand runs), the name is ``<method>_<quant>``.
+    With ``variant=NAME`` (DVC stages), ``variants.NAME.{method,quant,approx}`` replace the top-level
+    ones; ``variants.NAME.global_from``/``layerwise_from`` reuse another variant's trained set (same
+    rotation method and quant, checked). Without it (hand runs), rotations are named
+    ``<method>_<quant>`` and outputs ``<method>_<quant>[_gptq][_r<rank>]``.
     """
     name = cfg.get("variant")
+    out = cfg.copy()
     if not name:
-        return f"{cfg.method.name}_{cfg.quant.name}", cfg
+        base = f"{cfg.method.name}_{cfg.quant.name}"
+        name = base + ("_gptq" if cfg.quant.get("weight_method") == "gptq" else "")
+        if cfg.method.get("transition") == "low_rank":
+            name += f"_r{cfg.approx.rank}" + (f"{cfg.approx.energy:g}" if cfg.approx.rank == "adaptive" else "")
+        with open_dict(out):
+            out.sources = {"global": base, "layerwise": base}
+        return name, out
     variants = cfg.get("variants") or {}
     if name not in variants:
         known = ", ".join(variants) or "none configured"
         raise PipelineError(f"variant={name} is not in variants ({known})")
-    out = cfg.copy()
+    chosen = variants[name]
+    sources = {}
+    for stage in ("global", "layerwise"):
+        source = chosen.get(f"{stage}_from") or name
+        if source != name:
+            _check_source(variants, name, source, stage)
+        sources[stage] = source
     with open_dict(out):
-        out.method = variants[name].method
-        out.quant = variants[name].quant
+        out.method = chosen.method
+        out.quant = chosen.quant
+        if chosen.get("approx") is not None:
+            out.approx = chosen.approx
+        out.sources = sources
     return str(name), out
+
+
+_ROTATION_FIELDS = ("r1", "r2", "seed", "train", "online_r3", "online_r4")
+
+
+def _check_source(variants: DictConfig, name: str, source: str, stage: str) -> None:
+    """A variant may reuse ``source``'s rotation set only if that set was made the same way."""
+    where = f"variants.{name}.{stage}_from={source}"
+    if source not in variants:
+        raise PipelineError(f"{where}: no such variant")
+    mine, theirs = variants[name], variants[source]
+    if stage == "layerwise" and not theirs.method.get("per_layer"):
+        raise PipelineError(f"{where}: {source} has no per-layer rotations")
+    differ = [f for f in _ROTATION_FIELDS if mine.method.get(f) != theirs.method.get(f)]
+    # weight quant settings do not reach training unless train.quantize_weights; bits and clips do
+    differ += [f"quant.{f}" for f in ("w_bits", "a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio")
+               if mine.quant.get(f) != theirs.quant.get(f)]
+    if differ:
+        raise PipelineError(f"{where}: its rotations were made differently ({', '.join(differ)} differ)")
 
 
 def compose_pipeline(overrides: list[str] | None = None) -> DictConfig:

@@ -19,12 +19,15 @@ from .cayley import orthonormalize
 from .errors import PipelineError
 from .hadamard import orthogonal_hadamard
 from .online import OnlineAttention, QuantLinear, use_online_attention
-from .quantizers import OFF_BITS, ActQuantizer, QuantSpec, quantize_weight_rtn
+from .quantizers import OFF_BITS, ActQuantizer, QuantSpec
 from .rotation_plan import is_per_layer, rotation_plan, transform_tensor, transition_deltas
+from .subspace import restore_float64
 from .surgery import fold_norms, fuse_r4, replace_norms, untie_embeddings
-from .transitions import DenseTransitions, attach_dense_transitions
+from .transitions import DenseTransitions, LowRankTransitions, attach_transition_module
+from .weight_quant import dequantize, rtn
 
 ROTATION_KINDS = ("none", "hadamard", "random_hadamard")
+TRANSITIONS = ("dense", "low_rank")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,9 @@ class MethodSpec:
     """What a method does to the model (see ``conf/method/*.yaml``).
 
     ``r1``/``r2`` name the initial rotations (trained methods start from them); ``per_layer`` gives
-    every layer its own bases A_i, B_i (all starting at R1) with transitions at the residual adds.
+    every layer its own bases A_i, B_i (all starting at R1) with transitions at the residual adds,
+    applied exactly (``transition="dense"``, exact layer-wise) or as their rank-r subspace
+    approximation (``"low_rank"``, ReSpinQuant; needs the approximate stage's subspace).
     """
 
     name: str
@@ -43,6 +48,7 @@ class MethodSpec:
     per_layer: bool = False
     train: bool = False  # trained rotations (SpinQuant protocol); else the initial ones are final
     seed: int = 0
+    transition: str = "dense"  # per-layer only: dense | low_rank
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -53,6 +59,10 @@ class MethodSpec:
             kind = getattr(self, site)
             if kind not in ROTATION_KINDS:
                 raise PipelineError(f"method.{site}={kind}: choose one of {', '.join(ROTATION_KINDS)}")
+        if self.transition not in TRANSITIONS:
+            raise PipelineError(f"method.transition={self.transition}: choose one of {', '.join(TRANSITIONS)}")
+        if self.transition == "low_rank" and not self.per_layer:
+            raise PipelineError(f"method {self.name}: transition=low_rank needs per_layer=true")
         if (self.per_layer or self.train) and self.r1 == "none":
             raise PipelineError(f"method {self.name}: per_layer/train need an r1 to start from")
 
@@ -62,7 +72,7 @@ class MethodSpec:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> "MethodSpec":
-        fields = ("name", "r1", "r2", "online_r3", "online_r4", "per_layer", "train", "seed")
+        fields = ("name", "r1", "r2", "online_r3", "online_r4", "per_layer", "train", "seed", "transition")
         known = {k: cfg[k] for k in fields if k in cfg}
         if "name" not in known:
             raise PipelineError("method config has no name")
@@ -71,7 +81,7 @@ class MethodSpec:
 
 def quant_spec(cfg: DictConfig | dict) -> QuantSpec:
     """``QuantSpec`` from a ``quant`` config node; bad values become one-line PipelineErrors."""
-    fields = ("w_bits", "a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio", "w_mse_clip")
+    fields = tuple(QuantSpec.__dataclass_fields__)
     try:
         return QuantSpec(**{k: cfg[k] for k in fields if k in cfg})
     except (TypeError, ValueError) as exc:
@@ -152,9 +162,37 @@ def prepare_base(model: nn.Module, method: MethodSpec, quant: QuantSpec) -> Deco
     return adapter
 
 
+def transition_keys(n_layers: int) -> list[str]:
+    """The 2L residual adds: ``attn.<i>``, ``ffn.<i>``."""
+    return [f"{site}.{i}" for i in range(n_layers) for site in ("attn", "ffn")]
+
+
+def check_subspace(subspace: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Refuse (one line) a subspace set that does not name ``Q``/``M`` of every transition of ``model``."""
+    dims = adapter_for(model).dims(model)
+    for key in transition_keys(dims.n_layers):
+        Q, M = subspace.get(f"Q.{key}"), subspace.get(f"M.{key}")
+        if Q is None or M is None:
+            raise PipelineError(f"subspace set lacks Q.{key}/M.{key}: it was not made for this model's {dims.n_layers} layers")
+        r = Q.shape[-1]
+        if Q.dim() != 2 or Q.shape[0] != dims.hidden or tuple(M.shape) != (r, r):
+            raise PipelineError(f"subspace {key}: Q {tuple(Q.shape)} / M {tuple(M.shape)} do not fit hidden size {dims.hidden}")
+
+
+def low_rank_transitions(subspace: dict[str, torch.Tensor], keys: list[str], dtype: torch.dtype) -> LowRankTransitions:
+    """The online module of a subspace set, re-orthonormalised in float64 and stored in ``dtype``."""
+    Qs, Ms = {}, {}
+    for key in keys:
+        Q, M = restore_float64(subspace[f"Q.{key}"], subspace[f"M.{key}"])
+        Qs[key], Ms[key] = Q.to(dtype), M.to(dtype)
+    return LowRankTransitions(Qs, Ms)
+
+
 @torch.no_grad()
-def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dict[str, torch.Tensor]) -> None:
-    """Fuse a rotation set into the weights in float64; per-layer sets also get dense transitions.
+def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dict[str, torch.Tensor],
+                       subspace: dict[str, torch.Tensor] | None = None) -> None:
+    """Fuse a rotation set into the weights in float64; per-layer sets also get their transitions:
+    dense ``T - I`` or, given a ``subspace`` set (``Q.<key>``, ``M.<key>``), the rank-r ones.
 
     Every matrix is re-orthonormalised in float64 first (trained sets are stored in float32, orthogonal
     to ~1e-7 only), so the fused model stays function-preserving to float64 precision.
@@ -163,37 +201,67 @@ def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dic
     for module, attr, transforms in rotation_plan(model, adapter):
         t = getattr(module, attr)
         t.copy_(transform_tensor(t.detach().to(torch.float64), transforms, r64).to(t.dtype))
-    if is_per_layer(rotations):
-        dtype = adapter.embedding(model).weight.dtype
-        deltas = transition_deltas(r64, adapter.dims(model).n_layers)
-        attach_dense_transitions(model, adapter, DenseTransitions({k: v.to(dtype) for k, v in deltas.items()}))
+    if not is_per_layer(rotations):
+        return
+    dtype = adapter.embedding(model).weight.dtype
+    n_layers = adapter.dims(model).n_layers
+    if subspace is not None:
+        transitions = low_rank_transitions(subspace, transition_keys(n_layers), dtype)
+    else:
+        deltas = transition_deltas(r64, n_layers)
+        transitions = DenseTransitions({k: v.to(dtype) for k, v in deltas.items()})
+    attach_transition_module(model, adapter, transitions)
 
 
 def prepare_model(
-    model: nn.Module, method: MethodSpec, rotations: dict[str, torch.Tensor], quant: QuantSpec
+    model: nn.Module, method: MethodSpec, rotations: dict[str, torch.Tensor], quant: QuantSpec,
+    subspace: dict[str, torch.Tensor] | None = None, calib: torch.Tensor | None = None,
 ) -> nn.Module:
     """Transform ``model`` in place for ``method`` at ``quant`` and return it.
 
     Order: untie -> fold norms (if the method rotates) -> R4 fused -> online ops attached -> rotation
-    set fused (+ transitions) -> weight RTN.
+    set fused (+ dense or low-rank transitions) -> weights quantized (RTN, or GPTQ on ``calib``
+    windows (N, T) with every online op active).
     """
     check_rotations(rotations, method, model)
+    if method.transition == "low_rank":
+        if subspace is None:
+            raise PipelineError(f"method {method.name} has low-rank transitions: run the approximate stage first")
+        check_subspace(subspace, model)
+    elif subspace is not None:
+        raise PipelineError(f"method {method.name} has no low-rank transitions, but a subspace set was given")
     adapter = prepare_base(model, method, quant)
-    apply_rotation_set(model, adapter, rotations)
-    quantize_linear_weights(model, adapter, quant)
+    apply_rotation_set(model, adapter, rotations, subspace)
+    quantize_weights(model, adapter, quant, calib)
     return model
+
+
+def quantize_weights(model: nn.Module, adapter: DecoderAdapter, quant: QuantSpec, calib: torch.Tensor | None) -> None:
+    """Quantize every decoder linear's weight with ``quant.weight_method`` (embedding/lm_head stay)."""
+    if quant.w_bits >= OFF_BITS:
+        return
+    if quant.weight_method == "gptq":
+        if calib is None:
+            raise PipelineError("quant.weight_method=gptq needs calibration windows (run the calibrate stage)")
+        from .gptq import gptq_model
+
+        gptq_model(model, adapter, calib, quant)
+    else:
+        quantize_linear_weights(model, adapter, quant)
 
 
 @torch.no_grad()
 def quantize_linear_weights(model: nn.Module, adapter: DecoderAdapter, quant: QuantSpec) -> None:
-    """RTN (per-output-channel symmetric, MSE clip) on every decoder linear; embedding/lm_head stay."""
+    """RTN (per-output-channel or per-group symmetric, MSE clip) on every decoder linear."""
     if quant.w_bits >= OFF_BITS:
         return
     for layer in adapter.layers(model):
         for name in adapter.layer_linear_names():
             linear = get_linear(layer, name)
             w = linear.weight.to(torch.float32) if linear.weight.dtype != torch.float64 else linear.weight
-            linear.weight.copy_(quantize_weight_rtn(w, quant.w_bits, quant.w_mse_clip).to(linear.weight.dtype))
+            codes, scale = rtn(w, quant.w_bits, quant.w_mse_clip, quant.w_group_size)
+            linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
+            layer.get_submodule(name).weight_scale = scale.to(linear.weight.dtype)
 
 
 def attach_online_ops(model: nn.Module, adapter: DecoderAdapter, method: MethodSpec, quant: QuantSpec) -> None:

@@ -23,6 +23,16 @@ def rotations(cfg: DictConfig, name: str, stage: str = "global") -> Path:
     return artifacts(cfg) / "rotations" / name / f"{stage}.safetensors"
 
 
+def subspace(cfg: DictConfig, name: str) -> Path:
+    """The approximate stage's ``Q``/``M`` set, inside the variant's rotation folder (fuse reads it)."""
+    return artifacts(cfg) / "rotations" / name / "subspace.safetensors"
+
+
+def approx_metrics(cfg: DictConfig, name: str) -> Path:
+    """Per-transition rank, energy and error (csv); the summary goes beside it as ``.json``."""
+    return metrics(cfg) / "approx" / f"{name}.csv"
+
+
 def train_checkpoint(cfg: DictConfig, name: str, stage: str) -> Path:
     """Resumable training state; outside DVC's outs (DVC clears outs before a stage reruns)."""
     return artifacts(cfg) / "checkpoints" / name / f"{stage}.safetensors"

@@ -51,7 +51,7 @@ class DenseTransitions(nn.Module):
     def __init__(self, deltas: dict[str, torch.Tensor]) -> None:
         super().__init__()
         for key, delta in deltas.items():
-            self.register_buffer(key.replace(".", "_"), delta.detach().clone())
+            self.register_buffer(key.replace(".", "_"), delta.detach().clone(memory_format=torch.contiguous_format))
 
     def forward(self, key: str, h: torch.Tensor) -> torch.Tensor:
         """``h @ (T - I)`` for the add named ``key``; ``h``: (..., D)."""
@@ -65,7 +65,44 @@ class DenseTransitions(nn.Module):
                     for i in range(n_layers) for s in ("attn", "ffn")})
 
 
-def attach_dense_transitions(model: nn.Module, adapter: DecoderAdapter, transitions: DenseTransitions) -> None:
-    """Own ``transitions`` as ``model.rsq_transitions`` (saved with the weights) and hook them in."""
+class LowRankTransitions(nn.Module):
+    """ReSpinQuant's approximate transitions: per add, ``Q`` (D, r) and ``M`` (r, r) as buffers.
+
+    ``h @ (T̂ - I) = ((h @ Q) @ M) @ Q.T``: 2·D·r + r² MACs per token, no D x D matmul. Computed in
+    float32 (or the model's dtype if wider); ranks may differ per add (adaptive mode), r = 0 is exact I.
+    """
+
+    def __init__(self, Q: dict[str, torch.Tensor], M: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        if set(Q) != set(M):
+            raise ValueError("Q and M must name the same transitions")
+        for key in Q:
+            # row-major copies: a loaded checkpoint's buffers are row-major, and matmul results
+            # depend on the layout, so only this keeps loaded logits bit-equal to in-memory ones
+            self.register_buffer("Q_" + key.replace(".", "_"), Q[key].detach().clone(memory_format=torch.contiguous_format))
+            self.register_buffer("M_" + key.replace(".", "_"), M[key].detach().clone(memory_format=torch.contiguous_format))
+
+    def forward(self, key: str, h: torch.Tensor) -> torch.Tensor:
+        """``((h @ Q) @ M) @ Q.T`` for the add named ``key``; ``h``: (..., D) -> (..., D)."""
+        name = key.replace(".", "_")
+        Q, M = getattr(self, "Q_" + name), getattr(self, "M_" + name)
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        Q = Q.to(dtype)
+        return (((h.to(dtype) @ Q) @ M.to(dtype)) @ Q.T).to(h.dtype)
+
+    def ranks(self) -> dict[str, int]:
+        return {k[2:]: v.shape[1] for k, v in self.named_buffers() if k.startswith("Q_")}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> "LowRankTransitions":
+        """Rebuild from a state dict's ``<prefix>Q_*``/``<prefix>M_*`` entries (shapes from the file)."""
+        Q = {k[len(prefix) + 2:]: v for k, v in state.items() if k.startswith(prefix + "Q_")}
+        M = {k[len(prefix) + 2:]: v for k, v in state.items() if k.startswith(prefix + "M_")}
+        return cls(Q, M)  # keys stay in buffer form (attn_0); forward maps attn.0 -> attn_0 the same
+
+
+def attach_transition_module(model: nn.Module, adapter: DecoderAdapter, transitions: nn.Module) -> None:
+    """Own ``transitions`` (Dense or LowRank) as ``model.rsq_transitions`` (saved with the weights)
+    and hook it into every residual add."""
     model.rsq_transitions = transitions
     attach_transitions(model, adapter, transitions)

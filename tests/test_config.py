@@ -1,11 +1,13 @@
 """params.yaml is exactly what conf/ composes; variants and hand-run configs compose as documented."""
 from __future__ import annotations
 
+import pytest
 import yaml
 from omegaconf import OmegaConf
 
 from conftest import ROOT
 from pipeline.config import compose_pipeline, select_variant
+from pipeline.errors import PipelineError
 
 
 def test_params_yaml_equals_composed_conf():
@@ -43,10 +45,34 @@ def test_every_quant_preset_is_valid():
         assert path.stem == f"w{spec.w_bits}a{spec.a_bits}" + ("" if spec.kv_bits == 16 else f"kv{spec.kv_bits}")
 
 
-def test_per_layer_variants_list_matches_methods():
+def test_stage_lists_match_variants():
+    """DVC's foreach lists say which variants train or approximate; they must follow ``variants``."""
     cfg = compose_pipeline()
-    per_layer = sorted(k for k, v in cfg.variants.items() if v.method.per_layer)
-    assert sorted(cfg.per_layer_variants) == per_layer
+    v = cfg.variants
+    assert sorted(cfg.global_variants) == sorted(k for k in v if not v[k].get("global_from")
+                                                 and not v[k].get("layerwise_from"))
+    layerwise = {k: v[k].get("global_from") or k for k in v
+                 if v[k].method.per_layer and v[k].method.transition == "dense"}
+    assert dict(cfg.layerwise_variants) == layerwise
+    assert dict(cfg.approx_variants) == {k: v[k].layerwise_from for k in v if v[k].method.transition == "low_rank"}
+    for name in v:  # every shared source is accepted by the run-time check
+        cfg.variant = name
+        assert select_variant(cfg)[0] == name
+
+
+def test_sharing_a_differently_made_set_is_refused():
+    cfg = compose_pipeline(["quant@variants.layerwise.quant=w3a3kv3"])
+    cfg.variant = "layerwise"
+    with pytest.raises(PipelineError, match="global_from=spinquant: its rotations were made differently"):
+        select_variant(cfg)
+
+
+def test_hand_run_names_carry_weights_and_rank():
+    cfg = compose_pipeline(["method=respinquant", "quant.weight_method=gptq", "approx.rank=8"])
+    cfg.variant = None
+    name, chosen = select_variant(cfg)
+    assert name == "respinquant_w4a4kv4_gptq_r8"
+    assert chosen.sources == {"global": "respinquant_w4a4kv4", "layerwise": "respinquant_w4a4kv4"}
 
 
 def test_calibration_windows_follow_train_profile():

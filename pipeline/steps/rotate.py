@@ -70,10 +70,11 @@ def run(cfg: DictConfig) -> None:
     if stage == "global":
         init = make_rotations(global_method, model)
     else:
-        global_set, _ = load_tensors(paths.rotations(cfg, name, "global"), fingerprint)
+        global_set, _ = load_tensors(paths.rotations(cfg, cfg.sources["global"], "global"), fingerprint)
         check_rotations(global_set, global_method, model)
         init = {k: v for k, v in global_set.items() if k.startswith("R2.")}
         init.update(per_layer_bases(global_set["R1"], model.config.num_hidden_layers))
+    name = cfg.sources[stage]  # the rotation set's name (a variant may reuse another's global set)
     out = paths.rotations(cfg, name, stage)
     meta = {"fingerprint": fingerprint, "model": cfg.model.name, "method": method.name, "stage": stage,
             "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True))}

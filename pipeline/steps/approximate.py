@@ -1,0 +1,49 @@
+"""approximate: the residual subspace (Q, M) of every transition of a trained per-layer rotation set."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import paths
+from ..artifacts import load_tensors, save_tensors, write_csv, write_json
+from ..cayley import orthonormalize
+from ..config import select_variant
+from ..errors import PipelineError
+from ..methods import MethodSpec, check_rotations
+from ..models import load_model, model_fingerprint
+from ..rotation_plan import transition_deltas
+from ..subspace import ApproxSpec, approximate_set, rotation_digest, summarize
+from ..tracking import stage_run
+
+
+def run(cfg: DictConfig) -> None:
+    name, cfg = select_variant(cfg)
+    method = MethodSpec.from_cfg(cfg.method)
+    if method.transition != "low_rank":
+        raise PipelineError(f"method {method.name} has no low-rank transitions: approximate does not apply")
+    spec = ApproxSpec.from_cfg(cfg.approx)
+    model, _ = load_model(cfg.model)
+    fingerprint = model_fingerprint(model)
+    dims = model.config
+    if isinstance(spec.rank, int) and spec.rank > dims.hidden_size:
+        raise PipelineError(f"approx.rank={spec.rank} exceeds the hidden size {dims.hidden_size} of {cfg.model.name}")
+    rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
+    check_rotations(rotations, method, model)
+    bases = {k: orthonormalize(v.to(torch.float64)) for k, v in rotations.items() if not k.startswith("R2.")}
+    eye = torch.eye(dims.hidden_size, dtype=torch.float64)
+    transitions = {k: d + eye for k, d in transition_deltas(bases, dims.num_hidden_layers).items()}
+    with stage_run(cfg, "approximate", name):
+        tensors, rows = approximate_set(transitions, spec)
+        summary = summarize(rows)
+        meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
+                "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True))}
+        save_tensors(paths.subspace(cfg, name), {k: v.to(torch.float32) for k, v in tensors.items()}, meta)
+        csv_path = paths.approx_metrics(cfg, name)
+        write_csv(csv_path, rows)
+        write_json(csv_path.with_suffix(".json"), {"rank": spec.label, **summary})
+        mlflow.log_params({"approx_rank": spec.label, "approx_energy": spec.energy})
+        mlflow.log_metrics(summary)
+        mlflow.log_artifact(str(csv_path))

@@ -1,0 +1,174 @@
+"""Residual subspace approximation of the per-layer transitions (ReSpinQuant, DESIGN §1).
+
+For a transition ``T`` (D, D, orthogonal) of a per-layer rotation set, in float64:
+``ΔT = T - I = U S Vᵀ``; ``Q = U[:, :r]`` (D, r); ``R̂ = polar(Qᵀ T Q)`` (r, r); ``M = R̂ - I``. The
+approximation ``T̂ = I + Q M Qᵀ`` is orthogonal (``Q`` has orthonormal columns and ``R̂`` is
+orthogonal), equals ``T`` at ``r = D`` and ``I`` at ``r = 0``. Online it costs ``2·D·r + r²`` MACs per
+token: ``h @ T̂ = h + ((h @ Q) @ M) @ Qᵀ``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import PipelineError
+
+RANK_MODES = ("adaptive", "full")
+
+
+@dataclass(frozen=True)
+class ApproxSpec:
+    """``rank``: an int in 0..D, ``"full"`` (= D) or ``"adaptive"`` (per transition, the smallest r
+    whose captured energy ``Σ_{i≤r} σᵢ² / Σ σᵢ²`` reaches ``energy``)."""
+
+    rank: int | str = 32
+    energy: float = 0.9
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, str):
+            if self.rank not in RANK_MODES:
+                raise PipelineError(f"approx.rank={self.rank}: give an integer >= 0, 'full' or 'adaptive'")
+        elif isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise PipelineError(f"approx.rank={self.rank}: must be an integer >= 0, 'full' or 'adaptive'")
+        if isinstance(self.energy, bool) or not isinstance(self.energy, (int, float)) or not 0.0 < self.energy <= 1.0:
+            raise PipelineError(f"approx.energy={self.energy}: must be in (0, 1]")
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "ApproxSpec":
+        known = {k: cfg[k] for k in ("rank", "energy") if k in cfg and cfg[k] is not None}
+        return cls(**known)
+
+    def rank_for(self, sigma: torch.Tensor) -> int:
+        """The rank used for a transition with singular values ``sigma`` (D,), descending."""
+        D = sigma.numel()
+        if self.rank == "full":
+            return D
+        if self.rank == "adaptive":
+            return adaptive_rank(sigma, self.energy)
+        if self.rank > D:
+            raise PipelineError(f"approx.rank={self.rank} exceeds the hidden size {D}")
+        return int(self.rank)
+
+    @property
+    def label(self) -> str:
+        return f"adaptive{self.energy:g}" if self.rank == "adaptive" else str(self.rank)
+
+
+def adaptive_rank(sigma: torch.Tensor, energy: float) -> int:
+    """Smallest r with ``Σ_{i≤r} σᵢ² / Σ σᵢ² >= energy`` (0 when ``T = I``)."""
+    power = sigma.to(torch.float64) ** 2
+    total = power.sum()
+    if total <= 0:
+        return 0
+    captured = torch.cumsum(power, 0) / total
+    # a tiny tolerance: energy=1.0 must not demand more than float64 can add up to
+    return int(torch.searchsorted(captured, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``U Vᵀ`` of a square ``a`` (its nearest orthogonal matrix)."""
+    if a.numel() == 0:
+        return a.clone()
+    u, _, vh = torch.linalg.svd(a)
+    return u @ vh
+
+
+@dataclass
+class Approximation:
+    """One transition's subspace: ``Q`` (D, r), ``M`` (r, r) float64, and its quality figures."""
+
+    Q: torch.Tensor
+    M: torch.Tensor
+    energy: float
+    rel_error: float
+    gap: float
+    orth_error: float
+
+    @property
+    def rank(self) -> int:
+        return self.Q.shape[1]
+
+
+def approximate(T: torch.Tensor, spec: ApproxSpec) -> Approximation:
+    """Rank-r subspace approximation of one transition ``T`` (D, D), computed in float64.
+
+    Metrics: ``energy`` captured by the top r singular values of ``ΔT``; ``rel_error`` =
+    ‖T̂ − T‖_F / ‖T − I‖_F (0 when T = I); ``gap`` = σ_r − σ_{r+1} (σ_0 = ∞, σ_{D+1} = 0): a gap near
+    0 cuts a pair of equal singular values; ``orth_error`` = max |T̂ᵀT̂ − I|.
+    """
+    T = T.detach().to(torch.float64)
+    D = T.shape[0]
+    eye = torch.eye(D, dtype=torch.float64)
+    delta = T - eye
+    U, sigma, _ = torch.linalg.svd(delta)
+    r = spec.rank_for(sigma)
+    Q = U[:, :r].contiguous()
+    M = polar(Q.T @ T @ Q) - torch.eye(r, dtype=torch.float64)
+    T_hat = eye + Q @ M @ Q.T
+    power = sigma**2
+    total = power.sum().item()
+    norm_delta = math.sqrt(total)
+    upper = sigma[r - 1].item() if r > 0 else math.inf
+    lower = sigma[r].item() if r < D else 0.0
+    return Approximation(
+        Q=Q, M=M,
+        energy=power[:r].sum().item() / total if total > 0 else 1.0,
+        rel_error=torch.linalg.norm(T_hat - T).item() / norm_delta if norm_delta > 0 else 0.0,
+        gap=upper - lower,
+        orth_error=(T_hat.T @ T_hat - eye).abs().max().item(),
+    )
+
+
+def restore_float64(Q: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (float32) ``Q``, ``M`` made exact again in float64: orthonormal columns, orthogonal ``I + M``.
+
+    The float32 round trip leaves ``T̂`` orthogonal to ~1e-7 only; this brings it back to ~1e-15.
+    """
+    Q64, M64 = Q.to(torch.float64), M.to(torch.float64)
+    if Q64.shape[1] == 0:
+        return Q64, M64
+    q, r = torch.linalg.qr(Q64)
+    q = q * torch.sign(torch.diagonal(r))  # keep each column's direction
+    eye = torch.eye(M64.shape[0], dtype=torch.float64)
+    return q, polar(eye + M64) - eye
+
+
+def rotation_digest(rotations: dict[str, torch.Tensor]) -> str:
+    """Names the exact per-layer rotation set a subspace was made from (fuse refuses a mismatch)."""
+    from .artifacts import tensor_digest
+
+    return tensor_digest(*(rotations[k] for k in sorted(rotations)))
+
+
+def approximate_set(
+    transitions: dict[str, torch.Tensor], spec: ApproxSpec, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """Approximate every transition ``T`` (key -> (D, D), float64): the subspace tensors
+    (``Q.<key>`` (D, r), ``M.<key>`` (r, r), float64; the artifact stores them as float32) and one
+    metrics row per transition."""
+    from tqdm.auto import tqdm
+
+    tensors: dict[str, torch.Tensor] = {}
+    rows: list[dict] = []
+    for key, T in tqdm(transitions.items(), desc=f"approximate r={spec.label}", unit="transition", disable=not progress):
+        a = approximate(T, spec)
+        tensors[f"Q.{key}"], tensors[f"M.{key}"] = a.Q, a.M
+        rows.append({"transition": key, "rank": a.rank, "energy": a.energy, "rel_error": a.rel_error,
+                     "sigma_gap": a.gap, "orth_error": a.orth_error})
+    return tensors, rows
+
+
+def summarize(rows: list[dict]) -> dict[str, float]:
+    """Mean rank, energy and error over the transitions; worst orthogonality; smallest finite gap."""
+    n = len(rows)
+    gaps = [r["sigma_gap"] for r in rows if math.isfinite(r["sigma_gap"])]
+    return {
+        "approx_mean_rank": sum(r["rank"] for r in rows) / n,
+        "approx_mean_energy": sum(r["energy"] for r in rows) / n,
+        "approx_mean_rel_error": sum(r["rel_error"] for r in rows) / n,
+        "approx_max_rel_error": max(r["rel_error"] for r in rows),
+        "approx_max_orth_error": max(r["orth_error"] for r in rows),
+        "approx_min_sigma_gap": min(gaps) if gaps else float("nan"),
+    }

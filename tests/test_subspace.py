@@ -1,0 +1,174 @@
+"""Residual subspace approximation: orthogonality, limits r = 0 and r = D, adaptive rank, and the
+rank-r online transitions inside a fused model (float64, quantization off)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import model_cfg
+from pipeline.adapters import adapter_for
+from pipeline.cayley import orthonormalize
+from pipeline.errors import PipelineError
+from pipeline.methods import MethodSpec, check_subspace, prepare_model
+from pipeline.models import load_model
+from pipeline.quantizers import QuantSpec
+from pipeline.rotation_plan import transition_deltas
+from pipeline.subspace import ApproxSpec, adaptive_rank, approximate, approximate_set, restore_float64
+from pipeline.transitions import LowRankTransitions
+from test_invariance import MODELS, _f64_model, _logits, _max_rel, _random_per_layer_set
+
+D = 48
+
+
+def _near_identity_rotation(seed: int, n: int = D, planes: int = 6) -> torch.Tensor:
+    """An orthogonal T = exp(S): a few large rotation planes plus small noise (ΔT of low effective rank)."""
+    g = torch.Generator().manual_seed(seed)
+    S = 0.01 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    for p in range(planes):
+        S[2 * p, 2 * p + 1] += 0.3 + 0.2 * p
+    basis = orthonormalize(torch.randn(n, n, generator=g, dtype=torch.float64))
+    S = basis @ (S - S.T) @ basis.T
+    return torch.linalg.matrix_exp(S)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 5, 12, 31, D])
+def test_approximation_is_orthogonal(rank):
+    a = approximate(_near_identity_rotation(0), ApproxSpec(rank=rank))
+    T_hat = torch.eye(D, dtype=torch.float64) + a.Q @ a.M @ a.Q.T
+    assert (T_hat.T @ T_hat - torch.eye(D, dtype=torch.float64)).abs().max() <= 1e-12
+    assert a.orth_error <= 1e-12 and a.rank == rank and a.Q.shape == (D, rank) and a.M.shape == (rank, rank)
+
+
+def test_full_rank_is_exact_and_zero_rank_is_identity():
+    T = _near_identity_rotation(1)
+    eye = torch.eye(D, dtype=torch.float64)
+    full = approximate(T, ApproxSpec(rank="full"))
+    assert (eye + full.Q @ full.M @ full.Q.T - T).abs().max() <= 1e-12
+    assert full.rel_error <= 1e-12 and full.energy == pytest.approx(1.0)
+    zero = approximate(T, ApproxSpec(rank=0))
+    assert zero.Q.shape == (D, 0) and zero.rel_error == pytest.approx(1.0) and zero.energy == 0.0
+
+
+def test_error_falls_and_energy_rises_with_rank():
+    T = _near_identity_rotation(2)
+    results = [approximate(T, ApproxSpec(rank=r)) for r in (0, 2, 6, 12, 24, D)]
+    errors, energies = [a.rel_error for a in results], [a.energy for a in results]
+    assert errors == sorted(errors, reverse=True) and energies == sorted(energies)
+    assert results[3].energy > 0.95  # 6 planes = 12 large singular values carry nearly all energy
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99, 1.0])
+def test_adaptive_rank_is_the_smallest_reaching_the_energy(energy):
+    T = _near_identity_rotation(3)
+    sigma = torch.linalg.svdvals(T - torch.eye(D, dtype=torch.float64))
+    r = adaptive_rank(sigma, energy)
+    share = lambda k: (sigma[:k] ** 2).sum() / (sigma**2).sum()  # noqa: E731
+    assert share(r) >= energy - 1e-12 and (r == 0 or share(r - 1) < energy)
+    assert approximate(T, ApproxSpec(rank="adaptive", energy=energy)).rank == r
+
+
+def test_identity_transition_needs_rank_zero():
+    a = approximate(torch.eye(D, dtype=torch.float64), ApproxSpec(rank="adaptive", energy=0.9))
+    assert a.rank == 0 and a.rel_error == 0.0
+
+
+def test_float32_storage_restored_to_float64_orthogonality():
+    a = approximate(_near_identity_rotation(4), ApproxSpec(rank=12))
+    Q, M = restore_float64(a.Q.float(), a.M.float())
+    T_hat = torch.eye(D, dtype=torch.float64) + Q @ M @ Q.T
+    assert (T_hat.T @ T_hat - torch.eye(D, dtype=torch.float64)).abs().max() <= 1e-12
+    assert (Q - a.Q).abs().max() <= 1e-6  # the same subspace, only re-orthonormalised
+
+
+def test_online_module_equals_dense_matmul():
+    T = _near_identity_rotation(5)
+    a = approximate(T, ApproxSpec(rank=7))
+    module = LowRankTransitions({"attn.0": a.Q}, {"attn.0": a.M})
+    h = torch.randn(3, 5, D, dtype=torch.float64)
+    dense = h @ (a.Q @ a.M @ a.Q.T)
+    assert torch.allclose(module("attn.0", h), dense, rtol=0, atol=1e-12)
+    assert module.ranks() == {"attn_0": 7}
+
+
+@pytest.mark.parametrize("bad,match", [(-1, "must be an integer >= 0"), ("half", "give an integer >= 0"),
+                                       (2.5, "must be an integer"), (True, "must be an integer")])
+def test_bad_rank_values(bad, match):
+    with pytest.raises(PipelineError, match=match):
+        ApproxSpec(rank=bad)
+
+
+def test_rank_above_hidden_size():
+    with pytest.raises(PipelineError, match=f"approx.rank={D + 1} exceeds the hidden size {D}"):
+        approximate(_near_identity_rotation(0), ApproxSpec(rank=D + 1))
+
+
+@pytest.mark.parametrize("energy", [0.0, -0.1, 1.5])
+def test_bad_energy(energy):
+    with pytest.raises(PipelineError, match="approx.energy"):
+        ApproxSpec(rank="adaptive", energy=energy)
+
+
+# --- inside a fused model: float64, quantization off ---
+
+LAYERWISE = MethodSpec(name="layerwise", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True, per_layer=True)
+RESPIN = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True,
+                    per_layer=True, transition="low_rank")
+
+
+def _subspace(model, rotations, rank) -> dict[str, torch.Tensor]:
+    dims = adapter_for(model).dims(model)
+    eye = torch.eye(dims.hidden, dtype=torch.float64)
+    bases = {k: orthonormalize(v) for k, v in rotations.items() if not k.startswith("R2.")}
+    T = {k: d + eye for k, d in transition_deltas(bases, dims.n_layers).items()}
+    return approximate_set(T, ApproxSpec(rank=rank), progress=False)[0]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_full_rank_reproduces_exact_layerwise_float64(name, tokens):
+    rotations = _random_per_layer_set(_f64_model(name), seed=7)
+    exact = _logits(prepare_model(_f64_model(name), LAYERWISE, rotations, QuantSpec()), tokens)
+    model = _f64_model(name)
+    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, "full"))
+    assert _max_rel(_logits(model, tokens), exact) <= 1e-9
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_zero_rank_reproduces_identity_transitions_float64(name, tokens):
+    rotations = _random_per_layer_set(_f64_model(name), seed=7)
+    identity = prepare_model(_f64_model(name), LAYERWISE, rotations, QuantSpec())
+    for buf in identity.rsq_transitions.buffers():
+        buf.zero_()  # dense T - I = 0: every transition is I
+    model = _f64_model(name)
+    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, 0))
+    assert _max_rel(_logits(model, tokens), _logits(identity, tokens)) <= 1e-9
+
+
+def test_intermediate_rank_lies_between(tokens):
+    """Guards the two tests above: a partial rank is neither the exact nor the identity model."""
+    rotations = _random_per_layer_set(_f64_model("tiny_llama"), seed=7)
+    exact = _logits(prepare_model(_f64_model("tiny_llama"), LAYERWISE, rotations, QuantSpec()), tokens)
+    model = _f64_model("tiny_llama")
+    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, 16))
+    assert _max_rel(_logits(model, tokens), exact) > 1e-3
+
+
+def test_subspace_for_another_model_refused():
+    small, _ = load_model(model_cfg("tiny_llama"))
+    other, _ = load_model(model_cfg("tiny_qwen2"))
+    rotations = _random_per_layer_set(other.double(), seed=1)
+    sub = _subspace(other, rotations, 4)
+    if other.config.num_hidden_layers == small.config.num_hidden_layers:
+        with pytest.raises(PipelineError, match="do not fit hidden size"):
+            check_subspace(sub, small)
+    sub.pop("Q.ffn.1")
+    with pytest.raises(PipelineError, match="lacks Q.ffn.1"):
+        check_subspace(sub, other)
+
+
+def test_low_rank_method_needs_a_subspace():
+    model, _ = load_model(model_cfg("tiny_llama"))
+    rotations = _random_per_layer_set(_f64_model("tiny_llama"), seed=1)
+    with pytest.raises(PipelineError, match="run the approximate stage first"):
+        prepare_model(model, RESPIN, rotations, QuantSpec())
+    with pytest.raises(PipelineError, match="transition=low_rank needs per_layer=true"):
+        MethodSpec(name="x", r1="hadamard", transition="low_rank")
