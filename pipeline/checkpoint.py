@@ -1,80 +1,154 @@
-"""The fused checkpoint: fused (fake-)quantized weights + the online ops, as safetensors + JSON.
+"""The quantized checkpoint: packed integer weights, scales, online operators, config: safetensors + JSON.
 
-Layout of ``<dir>``:
-- ``model.safetensors``: the transformed model's state dict (norms folded, rotations fused, weights on
-  the quantization grid), metadata naming the model fingerprint;
-- ``rsq_config.json``: method and quant specs (which online ops to attach), the base model config and
-  the fingerprint.
-``load_fused(dir)`` rebuilds the stock HF model, applies the same structural transforms (untie, norm
-swap, wrappers, attention ops) and loads the weights: its logits equal the in-memory model's.
+Layout of ``<dir>`` (self-contained: loading needs neither the base model nor this project's config):
+- ``model.safetensors``: every decoder linear as ``<prefix>.linear.qweight`` (int4 nibbles, two per
+  byte along K, low nibble = even k; int8 codes above 4 bits) and ``<prefix>.weight_scale`` (out, G);
+  the residual transitions (``rsq_transitions.Q_*``/``M_*`` rank-r, or dense ``T - I``); the 16-bit
+  tensors (embedding, lm_head, biases, unit norms). Metadata names the model fingerprint.
+- ``rsq_config.json``: format version, method and quant specs (which online ops to attach), the
+  online operators (Hadamard sizes of R3/R4, transition kind and ranks), dtype and fingerprint.
+- ``config.json`` and the tokenizer files: the base model's HF config (untied) and tokenizer.
+
+``load_quantized(dir)`` rebuilds the HF model from ``config.json``, attaches the same online ops,
+unpacks the weights with the formula the in-memory quantizer used, and loads everything: its logits
+equal the in-memory model's exactly.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import torch
 from torch import nn
 
 from .adapters import adapter_for
 from .artifacts import atomic_dir, load_tensors, save_tensors
 from .errors import PipelineError
 from .methods import MethodSpec, attach_online_ops
-from .models import load_model, model_fingerprint
+from .models import DTYPES, model_fingerprint
+from .online import QuantLinear
 from .quantizers import QuantSpec
 from .surgery import replace_norms, untie_embeddings
-from .transitions import DenseTransitions, attach_dense_transitions
+from .transitions import DenseTransitions, LowRankTransitions, attach_transition_module
+from .weight_quant import dequantize, expand, pack, unpack
 
 WEIGHTS = "model.safetensors"
 CONFIG = "rsq_config.json"
+FORMAT = 2
+TRANSITIONS = "rsq_transitions."
 
 
-def save_fused(
-    folder: str | Path, model: nn.Module, method: MethodSpec, quant: QuantSpec,
-    model_cfg: DictConfig | dict, fingerprint: str,
+def _packed_state(model: nn.Module, bits: int) -> dict[str, torch.Tensor]:
+    """The state dict with each quantized linear's float weight replaced by its packed codes.
+
+    Refuses to write codes that would not reload to the very same weights.
+    """
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear) or module.weight_scale is None:
+            continue
+        weight = module.linear.weight.detach()
+        scale = module.weight_scale
+        codes = torch.round(weight / expand(scale, weight.shape[1])).to(torch.int8)
+        if not torch.equal(dequantize(codes, scale, weight.dtype), weight):
+            raise PipelineError(f"{name}: weights are not on their quantization grid; cannot pack them")
+        del state[f"{name}.linear.weight"]
+        state[f"{name}.linear.qweight"] = pack(codes, bits)
+    return state
+
+
+def _online_ops(model: nn.Module, method: MethodSpec) -> dict[str, Any]:
+    dims = adapter_for(model).dims(model)
+    transitions = getattr(model, "rsq_transitions", None)
+    kind = {DenseTransitions: "dense", LowRankTransitions: "low_rank"}.get(type(transitions), "none")
+    return {
+        "r3_hadamard_size": dims.head_dim if method.online_r3 else None,
+        "r4_hadamard_size": dims.intermediate if method.online_r4 else None,
+        "transitions": kind,
+        "transition_ranks": transitions.ranks() if kind == "low_rank" else None,
+    }
+
+
+def save_quantized(
+    folder: str | Path, model: nn.Module, tokenizer: Any, method: MethodSpec, quant: QuantSpec,
+    fingerprint: str, extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the checkpoint into ``folder`` atomically (a temp folder renamed into place)."""
+    """Write the checkpoint of a prepared model into ``folder`` atomically (temp folder renamed in)."""
     config = {
+        "format": FORMAT,
         "method": asdict(method),
         "quant": asdict(quant),
-        "model": OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg,
+        "online": _online_ops(model, method),
+        "dtype": str(adapter_for(model).embedding(model).weight.dtype).removeprefix("torch."),
         "fingerprint": fingerprint,
+        **(extra or {}),
     }
+    state = _packed_state(model, quant.w_bits)
     with atomic_dir(folder) as staging:
-        save_tensors(staging / WEIGHTS, model.state_dict(), {"fingerprint": fingerprint, "method": method.name})
+        save_tensors(staging / WEIGHTS, state, {"fingerprint": fingerprint, "method": method.name})
         (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
 
 
-def load_fused(folder: str | Path, model_cfg: DictConfig | dict | None = None) -> tuple[nn.Module, object]:
-    """Rebuild the fused model saved by ``save_fused``; returns ``(model, tokenizer)``.
-
-    ``model_cfg`` overrides the base-model config stored in the checkpoint (e.g. a moved local path).
-    """
-    folder = Path(folder)
+def _read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / CONFIG
     if not config_path.is_file():
-        raise PipelineError(f"{folder} is not a fused checkpoint (no {CONFIG}): run the fuse stage first")
+        raise PipelineError(f"{folder} is not a quantized checkpoint (no {CONFIG}): run the fuse stage first")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{config_path} is not valid JSON ({exc})") from None
-    model, tok = load_model(model_cfg if model_cfg is not None else config["model"])
+    if config.get("format") != FORMAT:
+        raise PipelineError(f"{folder} has checkpoint format {config.get('format')}, this version reads {FORMAT}: rerun fuse")
+    return config
+
+
+def load_quantized(folder: str | Path) -> nn.Module:
+    """The runnable HF model saved by ``save_quantized`` (eval mode, online ops attached)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    config = _read_config(folder)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{folder}/config.json is not a readable model config ({str(exc).splitlines()[0]})") from None
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[config["dtype"]], attn_implementation="sdpa")
     fingerprint = model_fingerprint(model)
     if fingerprint != config["fingerprint"]:
         raise PipelineError(
-            f"{folder} was made for another model (fingerprint {config['fingerprint']}, this one {fingerprint})"
+            f"{folder} was made for another model (fingerprint {config['fingerprint']}, its config.json gives {fingerprint})"
         )
+    tensors, _ = load_tensors(folder / WEIGHTS, fingerprint)
     method, quant = MethodSpec(**config["method"]), QuantSpec(**config["quant"])
     adapter = adapter_for(model)
     untie_embeddings(model, adapter)
     replace_norms(model, adapter)
     attach_online_ops(model, adapter, method, quant)
-    if method.per_layer:
-        dims = adapter.dims(model)
-        dtype = adapter.embedding(model).weight.dtype
-        attach_dense_transitions(model, adapter, DenseTransitions.zeros(dims.n_layers, dims.hidden, dtype))
-    tensors, _ = load_tensors(folder / WEIGHTS, fingerprint)
-    model.load_state_dict(tensors, strict=True)
+    kind = config["online"]["transitions"]
+    if kind != "none":
+        state = {k[len(TRANSITIONS):]: v for k, v in tensors.items() if k.startswith(TRANSITIONS)}
+        module = DenseTransitions(state) if kind == "dense" else LowRankTransitions.from_state(state, "")
+        attach_transition_module(model, adapter, module)
+    dtype = adapter.embedding(model).weight.dtype
+    for key in [k for k in tensors if k.endswith(".linear.qweight")]:
+        prefix = key[: -len(".linear.qweight")]
+        scale = tensors[f"{prefix}.weight_scale"]
+        model.get_submodule(prefix).weight_scale = scale
+        tensors[f"{prefix}.linear.weight"] = dequantize(unpack(tensors.pop(key), quant.w_bits), scale, dtype)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise PipelineError(f"{folder}/{WEIGHTS} does not fit its config ({str(exc).splitlines()[0][:200]})") from None
     model.eval()
-    return model, tok
+    return model
+
+
+def load_tokenizer(folder: str | Path) -> Any:
+    """The tokenizer saved beside a quantized checkpoint."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -1,53 +1,110 @@
-"""Fused checkpoint export/load round trip: the loaded model's logits equal the in-memory model's."""
+"""The quantized checkpoint: packed export, self-contained load, exact logits, refusals."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from conftest import model_cfg
-from pipeline.checkpoint import CONFIG, load_fused, save_fused
+from pipeline import load_quantized, load_tokenizer
+from pipeline.checkpoint import CONFIG, WEIGHTS, save_quantized
 from pipeline.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
 from pipeline.models import load_model, model_fingerprint
 from pipeline.quantizers import QuantSpec
+from test_invariance import _random_per_layer_set
+from test_subspace import LAYERWISE, RESPIN, _subspace
+
+QUAROT = MethodSpec(name="quarot", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True)
+W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
+
+
+def _prepared(name: str, method: MethodSpec, quant: QuantSpec, rank=None):
+    model, tok = load_model(model_cfg(name))
+    fingerprint = model_fingerprint(model)
+    if method.per_layer:
+        rotations = _random_per_layer_set(load_model(model_cfg(name))[0].double(), seed=3)
+    else:
+        rotations = make_rotations(method, model)
+    sub = _subspace(model, rotations, rank) if rank is not None else None
+    calib = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+    prepare_model(model, method, rotations, quant, sub, calib)
+    return model, tok, fingerprint
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
-@pytest.mark.parametrize("method", [
-    MethodSpec(name="quarot", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True),
-    MethodSpec(name="rtn"),
-])
-def test_round_trip_exact(tmp_path, name, method, tokens):
-    cfg = model_cfg(name)
-    model, _ = load_model(cfg)
-    fingerprint = model_fingerprint(model)
-    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
-    prepare_model(model, method, make_rotations(method, model), quant)
-    save_fused(tmp_path / "ckpt", model, method, quant, cfg, fingerprint)
-    loaded, _ = load_fused(tmp_path / "ckpt")
+@pytest.mark.parametrize("method,rank", [(QUAROT, None), (MethodSpec(name="rtn"), None), (LAYERWISE, None),
+                                         (RESPIN, 0), (RESPIN, 8), (RESPIN, "adaptive")])
+@pytest.mark.parametrize("weights", ["rtn", "gptq"])
+def test_round_trip_exact(tmp_path, name, method, rank, weights, tokens):
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method=weights)
+    model, tok, fingerprint = _prepared(name, method, quant, rank)
+    save_quantized(tmp_path / "ckpt", model, tok, method, quant, fingerprint)
+    loaded = load_quantized(tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model(tokens).logits)
-    save_fused(tmp_path / "ckpt", model, method, quant, cfg, fingerprint)  # overwrite in place works
+    assert load_tokenizer(tmp_path / "ckpt")("ab")["input_ids"] == tok("ab")["input_ids"]
+    save_quantized(tmp_path / "ckpt", model, tok, method, quant, fingerprint)  # overwrite in place works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_weights_are_packed_int4_with_scales(tmp_path):
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, w_group_size=32)
+    model, tok, fingerprint = _prepared("tiny_llama", RESPIN, quant, rank=8)
+    save_quantized(tmp_path / "ckpt", model, tok, RESPIN, quant, fingerprint)
+    with safe_open(str(tmp_path / "ckpt" / WEIGHTS), "pt") as f:
+        keys = set(f.keys())
+        q = f.get_tensor("model.layers.0.mlp.down_proj.linear.qweight")
+        s = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+        assert f.get_tensor("rsq_transitions.Q_ffn_1").shape == (192, 8)
+    assert q.dtype == torch.uint8 and q.shape == (192, 320 // 2) and s.shape == (192, 320 // 32)
+    assert not any(k.endswith("proj.linear.weight") for k in keys)  # no float copy of a quantized weight
+    config = json.loads((tmp_path / "ckpt" / CONFIG).read_text())
+    assert config["online"] == {"r3_hadamard_size": 32, "r4_hadamard_size": 320, "transitions": "low_rank",
+                                "transition_ranks": {f"{s}_{i}": 8 for i in range(2) for s in ("attn", "ffn")}}
+
+
+def test_weights_off_the_grid_are_refused(tmp_path):
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.linear.weight[0, 0] += 1e-3
+    with pytest.raises(PipelineError, match="not on their quantization grid"):
+        save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_checkpoint_for_another_model_refused(tmp_path):
-    model, _ = load_model(model_cfg("tiny_llama"))
-    method, quant = MethodSpec(name="rtn"), QuantSpec()
-    prepare_model(model, method, {}, quant)
-    save_fused(tmp_path / "ckpt", model, method, quant, model_cfg("tiny_llama"), model_fingerprint(model))
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    hf["num_hidden_layers"] = 3
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
     with pytest.raises(PipelineError, match="was made for another model"):
-        load_fused(tmp_path / "ckpt", model_cfg("tiny_qwen2"))
+        load_quantized(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+def test_truncated_weights_refused(tmp_path, cut):
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    path = tmp_path / "ckpt" / WEIGHTS
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * cut)])
+    with pytest.raises(PipelineError, match="is not a readable safetensors file"):
+        load_quantized(tmp_path / "ckpt")
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(PipelineError, match="is not a fused checkpoint"):
-        load_fused(tmp_path)
+    with pytest.raises(PipelineError, match="is not a quantized checkpoint"):
+        load_quantized(tmp_path)
     (tmp_path / CONFIG).write_text("{broken")
     with pytest.raises(PipelineError, match="is not valid JSON"):
-        load_fused(tmp_path)
+        load_quantized(tmp_path)
+    (tmp_path / CONFIG).write_text(json.dumps({"format": 1}))
+    with pytest.raises(PipelineError, match="has checkpoint format 1"):
+        load_quantized(tmp_path)
 
 
 def test_rotation_set_must_match_method():
@@ -67,3 +124,9 @@ def test_r2_set_must_match_method_and_head_dim():
     bad = {"R2.0": torch.eye(32), "R2.1": torch.eye(16)}
     with pytest.raises(PipelineError, match="R2.1 has shape \\(16, 16\\), this model needs \\(32, 32\\)"):
         prepare_model(model, method, bad, QuantSpec())
+
+
+def test_gptq_needs_calibration_windows():
+    model, _ = load_model(model_cfg("tiny_llama"))
+    with pytest.raises(PipelineError, match="gptq needs calibration windows"):
+        prepare_model(model, QUAROT, make_rotations(QUAROT, model), QuantSpec(w_bits=4, weight_method="gptq"))

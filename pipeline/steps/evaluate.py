@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 from .. import paths
 from ..artifacts import write_json
-from ..checkpoint import load_fused
+from ..checkpoint import load_quantized, load_tokenizer
 from ..config import select_variant
 from ..data import check_seqlen, eval_windows, text_digest, tokenize, wikitext2_test_text
 from ..models import max_positions
@@ -16,7 +16,7 @@ from ..tracking import stage_run
 
 def run(cfg: DictConfig) -> None:
     name, cfg = select_variant(cfg)
-    model, tok = load_fused(paths.fused(cfg, name), cfg.model)
+    model, tok = load_quantized(paths.fused(cfg, name)), load_tokenizer(paths.fused(cfg, name))
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
     text = wikitext2_test_text(cfg.data)
     windows = eval_windows(tokenize(text, tok), cfg.eval.seqlen, cfg.eval.max_windows)
