@@ -125,3 +125,64 @@ def test_bad_calibration_settings(tmp_path, override, expected):
 def test_mistyped_quant_value(tmp_path):
     _one_line_error(_stage(tmp_path, "fuse.py", "+model=tiny_llama", "quant.w_bits=four"),
                     "quant.w_bits=four: must be 2..8 or 16 (off)")
+
+
+# --- approximate / fuse of ReSpinQuant ---
+
+RESPIN = ("+model=tiny_llama", "method=respinquant")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("approx.rank=193", "approx.rank=193 exceeds the hidden size 192 of tiny_llama"),
+    ("approx.rank=-1", "approx.rank=-1: must be an integer >= 0"),
+    ("approx.rank=most", "approx.rank=most: give an integer >= 0, 'full' or 'adaptive'"),
+    ("approx.energy=0", "approx.energy=0: must be in (0, 1]"),
+])
+def test_bad_rank_is_one_line(tmp_path, override, expected):
+    _one_line_error(_stage(tmp_path, "approximate.py", *RESPIN, override), expected)
+    assert not (tmp_path / "a").exists()
+
+
+def test_approximate_needs_a_low_rank_method(tmp_path):
+    _one_line_error(_stage(tmp_path, "approximate.py", "+model=tiny_llama", "method=layerwise"),
+                    "method layerwise has no low-rank transitions: approximate does not apply")
+
+
+def _tiny_per_layer_set(tmp_path, fingerprint_of: str = "tiny_llama") -> None:
+    """A per-layer rotation set where the hand-run respinquant stages look for it."""
+    from conftest import model_cfg
+    from pipeline.methods import MethodSpec, make_rotations
+    from pipeline.models import load_model, model_fingerprint
+
+    model, _ = load_model(model_cfg(fingerprint_of))
+    method = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", per_layer=True, transition="low_rank")
+    path = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "layerwise.safetensors"
+    save_tensors(path, make_rotations(method, model), {"fingerprint": model_fingerprint(model), "model": fingerprint_of})
+
+
+def test_rotations_for_another_model_refused_by_approximate(tmp_path):
+    _tiny_per_layer_set(tmp_path, fingerprint_of="tiny_qwen2")
+    _one_line_error(_stage(tmp_path, "approximate.py", *RESPIN), "was made for model tiny_qwen2")
+    assert not (tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "subspace.safetensors").exists()
+
+
+def test_truncated_rotations_refused_by_approximate(tmp_path):
+    _tiny_per_layer_set(tmp_path)
+    path = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "layerwise.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    _one_line_error(_stage(tmp_path, "approximate.py", *RESPIN), "is not a readable safetensors file")
+
+
+def test_subspace_for_other_rotations_or_model_refused_by_fuse(tmp_path):
+    _tiny_per_layer_set(tmp_path)
+    proc = _stage(tmp_path, "approximate.py", *RESPIN, "approx.rank=4")
+    assert proc.returncode == 0, proc.stderr
+    sub = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4_r4" / "subspace.safetensors"
+    assert sub.is_file()
+    tensors, meta = load_tensors(sub)
+    save_tensors(sub, tensors, {**meta, "rotations": "0123456789abcdef"})
+    _one_line_error(_stage(tmp_path, "fuse.py", *RESPIN, "approx.rank=4"),
+                    "was made from other rotations: rerun the approximate stage")
+    save_tensors(sub, tensors, {**meta, "fingerprint": "ffff", "model": "another"})
+    _one_line_error(_stage(tmp_path, "fuse.py", *RESPIN, "approx.rank=4"), "was made for model another")
+    assert not (tmp_path / "a" / "fused").exists()

@@ -45,6 +45,13 @@ def test_dvc_repro_tiny(tmp_path):
         assert result["wikitext2_windows"] == 2 and result["wikitext2_seqlen"] == 128
         assert 1.0 < result["wikitext2_ppl"] < 1e6
         assert (repo / "artifacts" / "fused" / variant / "model.safetensors").is_file()
+    approx = json.loads((repo / "metrics" / "approx" / "respinquant.json").read_text())
+    assert approx["rank"] == "32" and approx["approx_mean_rank"] == 32 and approx["approx_max_orth_error"] < 1e-12
+    ckpt = json.loads((repo / "artifacts" / "fused" / "respinquant" / "rsq_config.json").read_text())
+    assert ckpt["online"]["transitions"] == "low_rank"
+    # shared training: layerwise starts from spinquant's global set, respinquant approximates layerwise's
+    assert not (repo / "artifacts" / "rotations" / "layerwise" / "global.safetensors").exists()
+    assert not (repo / "artifacts" / "rotations" / "respinquant" / "layerwise.safetensors").exists()
     fp = json.loads((repo / "metrics" / "eval" / "fp16.json").read_text())["wikitext2_ppl"]
     rtn = json.loads((repo / "metrics" / "eval" / "rtn.json").read_text())["wikitext2_ppl"]
     assert fp != rtn  # quantization really happened
@@ -61,4 +68,5 @@ def test_dvc_repro_tiny(tmp_path):
     runs = mlflow.search_runs(experiment_names=["respinquant"])
     stages = sorted(runs["tags.stage"].tolist())
     assert stages.count("calibrate") == 1 and stages.count("eval") == len(params["variants"])
+    assert stages.count("rotate_global") == len(params["global_variants"]) and stages.count("approximate") == 1
     assert "params.model.name" in runs.columns and "metrics.wikitext2_ppl" in runs.columns
