@@ -1,0 +1,119 @@
+"""The ReSpinQuant acceptance table: every method x rank x weight quantizer on the same windows.
+
+``python -m pipeline.sweep --quant w4a4kv4 --set quarot=PATH --set spinquant=PATH --set layerwise=PATH``
+fuses each row in memory (no checkpoint written), evaluates WikiText-2 ppl on the eval windows of the
+default pipeline (``eval.*`` in ``conf/``), and appends one CSV row as soon as it is done, so a long
+sweep keeps what it finished. Rows: ``rtn`` (no rotation), the given global sets (``quarot``,
+``spinquant``), ``layerwise`` (exact dense transitions) and ``respinquant`` at each ``--ranks`` value
+(integers, ``full``, ``adaptive``: the subspace of the given layerwise set), each with each ``--weights``
+quantizer (``rtn``, ``gptq`` on the calibration windows of ``artifacts/calib``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .artifacts import load_tensors
+from .cayley import orthonormalize
+from .config import compose_pipeline
+from .data import eval_windows, tokenize, wikitext2_test_text
+from .errors import PipelineError
+from .methods import MethodSpec, prepare_model, quant_spec
+from .models import load_model, model_fingerprint
+from .perplexity import perplexity
+from .rotation_plan import transition_deltas
+from .subspace import ApproxSpec, approximate_set, summarize
+
+FIELDS = ["quant", "weights", "method", "rank", "mean_rank", "mean_energy", "mean_rel_error",
+          "wikitext2_ppl", "windows", "seconds", "peak_rss_mib"]
+
+
+def _methods(cfg) -> dict[str, MethodSpec]:
+    return {name: MethodSpec.from_cfg(cfg.variants[name].method) for name in cfg.variants}
+
+
+def subspaces(layerwise: dict[str, torch.Tensor], n_layers: int, hidden: int,
+              ranks: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """``{rank label: (subspace tensors (float32, as the artifact stores them), summary)}``."""
+    bases = {k: orthonormalize(v.to(torch.float64)) for k, v in layerwise.items() if not k.startswith("R2.")}
+    eye = torch.eye(hidden, dtype=torch.float64)
+    transitions = {k: d + eye for k, d in transition_deltas(bases, n_layers).items()}
+    out = {}
+    for rank in ranks:
+        spec = ApproxSpec(rank=int(rank) if rank.isdigit() else rank)
+        tensors, rows = approximate_set(transitions, spec, progress=False)
+        out[spec.label] = ({k: v.to(torch.float32) for k, v in tensors.items()}, summarize(rows))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant", default="w4a4kv4", help="a conf/quant name")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD=PATH",
+                        help="a rotation set: quarot/spinquant (global) or layerwise (per-layer)")
+    parser.add_argument("--ranks", nargs="*", default=["0", "8", "32", "128", "full", "adaptive"])
+    parser.add_argument("--weights", nargs="*", default=["rtn", "gptq"])
+    parser.add_argument("--out", required=True, help="CSV to append rows to")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pipeline.yaml")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = compose_pipeline([f"quant@variants.rtn.quant={args.quant}", *args.overrides])
+    methods = _methods(cfg)
+    base_quant = quant_spec(cfg.variants.rtn.quant)
+    sets = dict(s.split("=", 1) for s in args.set)
+    model, tok = load_model(cfg.model)
+    fingerprint = model_fingerprint(model)
+    dims = model.config
+    windows = eval_windows(tokenize(wikitext2_test_text(cfg.data), tok), cfg.eval.seqlen, cfg.eval.max_windows)
+    calib, _ = load_tensors(Path(cfg.paths.artifacts) / "calib" / "windows.safetensors", fingerprint)
+    rotations = {name: load_tensors(path, fingerprint)[0] for name, path in sets.items()}
+    rows: list[tuple[str, MethodSpec, dict, dict | None, dict]] = [("rtn", methods["rtn"], {}, None, {})]
+    for name in ("quarot", "spinquant", "layerwise"):
+        if name in rotations:
+            rows.append((name, methods[name], rotations[name], None, {}))
+    if "layerwise" in rotations:
+        for label, (sub, summary) in subspaces(rotations["layerwise"], dims.num_hidden_layers,
+                                               dims.hidden_size, args.ranks).items():
+            rows.append((f"respinquant", methods["respinquant"], rotations["layerwise"], sub, {"rank": label, **summary}))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = not out.exists()
+    with out.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for weights in args.weights:
+            quant = replace(base_quant, weight_method=weights)
+            for name, method, rot, sub, extra in rows:
+                start = time.perf_counter()
+                fresh, _ = load_model(cfg.model)
+                prepare_model(fresh, method, rot, quant, sub, calib["windows"])
+                label = f"{args.quant} {weights} {name} {extra.get('rank', '')}"
+                ppl = perplexity(fresh, windows, desc=label)["ppl"]
+                writer.writerow({
+                    "quant": args.quant, "weights": weights, "method": name, "rank": extra.get("rank", ""),
+                    "mean_rank": extra.get("approx_mean_rank", ""), "mean_energy": extra.get("approx_mean_energy", ""),
+                    "mean_rel_error": extra.get("approx_mean_rel_error", ""), "wikitext2_ppl": f"{ppl:.4f}",
+                    "windows": windows.shape[0], "seconds": f"{time.perf_counter() - start:.1f}",
+                    "peak_rss_mib": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}",
+                })
+                f.flush()
+                print(f"{label}: ppl {ppl:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
