@@ -131,7 +131,7 @@ def load_quantized(folder: str | Path) -> nn.Module:
     kind = config["online"]["transitions"]
     if kind != "none":
         state = {k[len(TRANSITIONS):]: v for k, v in tensors.items() if k.startswith(TRANSITIONS)}
-        module = DenseTransitions(state) if kind == "dense" else LowRankTransitions.from_state(state, "")
+        module = DenseTransitions(state) if kind == "dense" else LowRankTransitions.from_state(state)
         attach_transition_module(model, adapter, module)
     dtype = adapter.embedding(model).weight.dtype
     for key in [k for k in tensors if k.endswith(".linear.qweight")]:

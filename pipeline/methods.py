@@ -20,8 +20,8 @@ from .errors import PipelineError
 from .hadamard import orthogonal_hadamard
 from .online import OnlineAttention, QuantLinear, use_online_attention
 from .quantizers import OFF_BITS, ActQuantizer, QuantSpec
-from .rotation_plan import is_per_layer, rotation_plan, transform_tensor, transition_deltas
-from .subspace import restore_float64
+from .rotation_plan import is_per_layer, rotation_plan, transform_tensor, transition_chain, transition_deltas
+from .subspace import chained_bases, restore_float64
 from .surgery import fold_norms, fuse_r4, replace_norms, untie_embeddings
 from .transitions import DenseTransitions, LowRankTransitions, attach_transition_module
 from .weight_quant import dequantize, rtn
@@ -163,8 +163,8 @@ def prepare_base(model: nn.Module, method: MethodSpec, quant: QuantSpec) -> Deco
 
 
 def transition_keys(n_layers: int) -> list[str]:
-    """The 2L residual adds: ``attn.<i>``, ``ffn.<i>``."""
-    return [f"{site}.{i}" for i in range(n_layers) for site in ("attn", "ffn")]
+    """The 2L residual adds in stream order: ``attn.<i>``, ``ffn.<i>``."""
+    return [key for key, _, _ in transition_chain(n_layers)]
 
 
 def check_subspace(subspace: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -179,38 +179,41 @@ def check_subspace(subspace: dict[str, torch.Tensor], model: nn.Module) -> None:
             raise PipelineError(f"subspace {key}: Q {tuple(Q.shape)} / M {tuple(M.shape)} do not fit hidden size {dims.hidden}")
 
 
-def low_rank_transitions(subspace: dict[str, torch.Tensor], keys: list[str], dtype: torch.dtype) -> LowRankTransitions:
-    """The online module of a subspace set, re-orthonormalised in float64 and stored in ``dtype``."""
+def restored_subspace(subspace: dict[str, torch.Tensor], keys: list[str]) -> tuple[dict, dict]:
+    """``(Q, M)`` per transition key, re-orthonormalised in float64 (the artifact stores float32)."""
     Qs, Ms = {}, {}
     for key in keys:
-        Q, M = restore_float64(subspace[f"Q.{key}"], subspace[f"M.{key}"])
-        Qs[key], Ms[key] = Q.to(dtype), M.to(dtype)
-    return LowRankTransitions(Qs, Ms)
+        Qs[key], Ms[key] = restore_float64(subspace[f"Q.{key}"], subspace[f"M.{key}"])
+    return Qs, Ms
 
 
 @torch.no_grad()
 def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dict[str, torch.Tensor],
                        subspace: dict[str, torch.Tensor] | None = None) -> None:
     """Fuse a rotation set into the weights in float64; per-layer sets also get their transitions:
-    dense ``T - I`` or, given a ``subspace`` set (``Q.<key>``, ``M.<key>``), the rank-r ones.
+    dense ``T - I``, or, given a ``subspace`` set (``Q.<key>``, ``M.<key>``), the rank-r ones, with
+    the weights fused in the bases chained from them (``subspace.chained_bases``), so the
+    quantization-off model computes the original function at every rank.
 
     Every matrix is re-orthonormalised in float64 first (trained sets are stored in float32, orthogonal
     to ~1e-7 only), so the fused model stays function-preserving to float64 precision.
     """
     r64 = {k: orthonormalize(v.detach().to(torch.float64)) for k, v in rotations.items()}
+    n_layers = adapter.dims(model).n_layers
+    dtype = adapter.embedding(model).weight.dtype
+    transitions: nn.Module | None = None
+    if subspace is not None:
+        Qs, Ms = restored_subspace(subspace, transition_keys(n_layers))
+        r64.update(chained_bases(r64["A.0"], Qs, Ms, n_layers))
+        transitions = LowRankTransitions({k: v.to(dtype) for k, v in Qs.items()}, {k: v.to(dtype) for k, v in Ms.items()})
+    elif is_per_layer(rotations):
+        deltas = transition_deltas(r64, n_layers)
+        transitions = DenseTransitions({k: v.to(dtype) for k, v in deltas.items()})
     for module, attr, transforms in rotation_plan(model, adapter):
         t = getattr(module, attr)
         t.copy_(transform_tensor(t.detach().to(torch.float64), transforms, r64).to(t.dtype))
-    if not is_per_layer(rotations):
-        return
-    dtype = adapter.embedding(model).weight.dtype
-    n_layers = adapter.dims(model).n_layers
-    if subspace is not None:
-        transitions = low_rank_transitions(subspace, transition_keys(n_layers), dtype)
-    else:
-        deltas = transition_deltas(r64, n_layers)
-        transitions = DenseTransitions({k: v.to(dtype) for k, v in deltas.items()})
-    attach_transition_module(model, adapter, transitions)
+    if transitions is not None:
+        attach_transition_module(model, adapter, transitions)
 
 
 def prepare_model(

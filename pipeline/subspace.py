@@ -5,6 +5,14 @@ For a transition ``T`` (D, D, orthogonal) of a per-layer rotation set, in float6
 approximation ``T̂ = I + Q M Qᵀ`` is orthogonal (``Q`` has orthonormal columns and ``R̂`` is
 orthogonal), equals ``T`` at ``r = D`` and ``I`` at ``r = 0``. Online it costs ``2·D·r + r²`` MACs per
 token: ``h @ T̂ = h + ((h @ Q) @ M) @ Qᵀ``.
+
+The bases the weights are fused with are chained from the approximations, so the quantization-off
+model stays exactly the original function at every rank: ``Â_0 = A_0``, then along the stream
+``B̂_i = Â_i T̂_attn_i`` and ``Â_{i+1} = B̂_i T̂_ffn_i``. Each ``T̂`` approximates the transition from the
+chained basis to the trained one (``Â_iᵀ B_i``, then ``B̂_iᵀ A_{i+1}``), so approximation errors do not
+pile up along the layers: every step closes what it can of the remaining gap to the trained basis. At
+``r = D`` the chain reproduces the trained bases (exact layer-wise); at ``r = 0`` every basis is
+``A_0`` (a global rotation with identity transitions).
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import PipelineError
+from .rotation_plan import transition_chain
 
 RANK_MODES = ("adaptive", "full")
 
@@ -143,21 +152,42 @@ def rotation_digest(rotations: dict[str, torch.Tensor]) -> str:
 
 
 def approximate_set(
-    transitions: dict[str, torch.Tensor], spec: ApproxSpec, progress: bool = True
+    bases: dict[str, torch.Tensor], n_layers: int, spec: ApproxSpec, progress: bool = True
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Approximate every transition ``T`` (key -> (D, D), float64): the subspace tensors
-    (``Q.<key>`` (D, r), ``M.<key>`` (r, r), float64; the artifact stores them as float32) and one
-    metrics row per transition."""
+    """Approximate every transition of the trained per-layer ``bases`` (``A.i``, ``B.i``: (D, D),
+    float64, orthogonal) along the chain (module doc).
+
+    Returns the subspace tensors ``Q.<key>`` (D, r) and ``M.<key>`` (r, r) (float64; the artifact
+    stores float32) and one metrics row per transition; ``basis_error`` is ‖B̂ − B‖_F / √D between the
+    chained and the trained basis after the add.
+    """
     from tqdm.auto import tqdm
 
     tensors: dict[str, torch.Tensor] = {}
     rows: list[dict] = []
-    for key, T in tqdm(transitions.items(), desc=f"approximate r={spec.label}", unit="transition", disable=not progress):
-        a = approximate(T, spec)
+    current = bases["A.0"].to(torch.float64)
+    chain = transition_chain(n_layers)
+    for key, _, after in tqdm(chain, desc=f"approximate r={spec.label}", unit="transition", disable=not progress):
+        target = bases[after].to(torch.float64)
+        a = approximate(current.T @ target, spec)
         tensors[f"Q.{key}"], tensors[f"M.{key}"] = a.Q, a.M
+        current = current + ((current @ a.Q) @ a.M) @ a.Q.T  # Â @ T̂
         rows.append({"transition": key, "rank": a.rank, "energy": a.energy, "rel_error": a.rel_error,
+                     "basis_error": torch.linalg.norm(current - target).item() / math.sqrt(target.shape[0]),
                      "sigma_gap": a.gap, "orth_error": a.orth_error})
     return tensors, rows
+
+
+def chained_bases(A0: torch.Tensor, Q: dict[str, torch.Tensor], M: dict[str, torch.Tensor],
+                  n_layers: int) -> dict[str, torch.Tensor]:
+    """The per-layer bases implied by ``A_0`` and the transitions ``T̂ = I + Q M Qᵀ`` (keys ``attn.i``,
+    ``ffn.i``): ``A.0..A.L``, ``B.0..B.<L-1>``, (D, D), in ``A0``'s dtype."""
+    out = {"A.0": A0}
+    current = A0
+    for key, _, after in transition_chain(n_layers):
+        current = current + ((current @ Q[key]) @ M[key]) @ Q[key].T
+        out[after] = current
+    return out
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:
@@ -170,5 +200,6 @@ def summarize(rows: list[dict]) -> dict[str, float]:
         "approx_mean_rel_error": sum(r["rel_error"] for r in rows) / n,
         "approx_max_rel_error": max(r["rel_error"] for r in rows),
         "approx_max_orth_error": max(r["orth_error"] for r in rows),
+        "approx_mean_basis_error": sum(r["basis_error"] for r in rows) / n,
         "approx_min_sigma_gap": min(gaps) if gaps else float("nan"),
     }

@@ -28,27 +28,24 @@ from .errors import PipelineError
 from .methods import MethodSpec, prepare_model, quant_spec
 from .models import load_model, model_fingerprint
 from .perplexity import perplexity
-from .rotation_plan import transition_deltas
 from .subspace import ApproxSpec, approximate_set, summarize
 
 FIELDS = ["quant", "weights", "method", "rank", "mean_rank", "mean_energy", "mean_rel_error",
-          "wikitext2_ppl", "windows", "seconds", "peak_rss_mib"]
+          "mean_basis_error", "wikitext2_ppl", "windows", "seconds", "peak_rss_mib"]
+METHODS = ("rtn", "quarot", "spinquant", "layerwise", "respinquant")
 
 
 def _methods(cfg) -> dict[str, MethodSpec]:
     return {name: MethodSpec.from_cfg(cfg.variants[name].method) for name in cfg.variants}
 
 
-def subspaces(layerwise: dict[str, torch.Tensor], n_layers: int, hidden: int,
-              ranks: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]]:
+def subspaces(layerwise: dict[str, torch.Tensor], n_layers: int, ranks: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]]:
     """``{rank label: (subspace tensors (float32, as the artifact stores them), summary)}``."""
     bases = {k: orthonormalize(v.to(torch.float64)) for k, v in layerwise.items() if not k.startswith("R2.")}
-    eye = torch.eye(hidden, dtype=torch.float64)
-    transitions = {k: d + eye for k, d in transition_deltas(bases, n_layers).items()}
     out = {}
     for rank in ranks:
         spec = ApproxSpec(rank=int(rank) if rank.isdigit() else rank)
-        tensors, rows = approximate_set(transitions, spec, progress=False)
+        tensors, rows = approximate_set(bases, n_layers, spec, progress=False)
         out[spec.label] = ({k: v.to(torch.float32) for k, v in tensors.items()}, summarize(rows))
     return out
 
@@ -60,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a rotation set: quarot/spinquant (global) or layerwise (per-layer)")
     parser.add_argument("--ranks", nargs="*", default=["0", "8", "32", "128", "full", "adaptive"])
     parser.add_argument("--weights", nargs="*", default=["rtn", "gptq"])
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", required=True, help="CSV to append rows to")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pipeline.yaml")
     args = parser.parse_args(argv)
@@ -86,9 +84,8 @@ def run(args: argparse.Namespace) -> None:
         if name in rotations:
             rows.append((name, methods[name], rotations[name], None, {}))
     if "layerwise" in rotations:
-        for label, (sub, summary) in subspaces(rotations["layerwise"], dims.num_hidden_layers,
-                                               dims.hidden_size, args.ranks).items():
-            rows.append((f"respinquant", methods["respinquant"], rotations["layerwise"], sub, {"rank": label, **summary}))
+        for label, (sub, summary) in subspaces(rotations["layerwise"], dims.num_hidden_layers, args.ranks).items():
+            rows.append(("respinquant", methods["respinquant"], rotations["layerwise"], sub, {"rank": label, **summary}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()
@@ -99,6 +96,8 @@ def run(args: argparse.Namespace) -> None:
         for weights in args.weights:
             quant = replace(base_quant, weight_method=weights)
             for name, method, rot, sub, extra in rows:
+                if name not in args.methods:
+                    continue
                 start = time.perf_counter()
                 fresh, _ = load_model(cfg.model)
                 prepare_model(fresh, method, rot, quant, sub, calib["windows"])
@@ -107,7 +106,8 @@ def run(args: argparse.Namespace) -> None:
                 writer.writerow({
                     "quant": args.quant, "weights": weights, "method": name, "rank": extra.get("rank", ""),
                     "mean_rank": extra.get("approx_mean_rank", ""), "mean_energy": extra.get("approx_mean_energy", ""),
-                    "mean_rel_error": extra.get("approx_mean_rel_error", ""), "wikitext2_ppl": f"{ppl:.4f}",
+                    "mean_rel_error": extra.get("approx_mean_rel_error", ""),
+                    "mean_basis_error": extra.get("approx_mean_basis_error", ""), "wikitext2_ppl": f"{ppl:.4f}",
                     "windows": windows.shape[0], "seconds": f"{time.perf_counter() - start:.1f}",
                     "peak_rss_mib": f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}",
                 })

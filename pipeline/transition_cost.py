@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     windows = eval_windows(tokenize(wikitext2_test_text(cfg.data), tok), args.seqlen, args.windows)
     glob, _ = load_tensors(args.global_set, fingerprint)
     layerwise, _ = load_tensors(args.layerwise_set, fingerprint)
-    (label, (sub, _)), = subspaces(layerwise, base.config.num_hidden_layers, base.config.hidden_size, [args.rank]).items()
+    (label, (sub, _)), = subspaces(layerwise, base.config.num_hidden_layers, [args.rank]).items()
     method = lambda name: MethodSpec.from_cfg(cfg.variants[name].method)  # noqa: E731
     models = {
         "global (spinquant)": prepare_model(load_model(cfg.model)[0], method("spinquant"), glob, quant),

@@ -94,10 +94,10 @@ class LowRankTransitions(nn.Module):
         return {k[2:]: v.shape[1] for k, v in self.named_buffers() if k.startswith("Q_")}
 
     @classmethod
-    def from_state(cls, state: dict[str, torch.Tensor], prefix: str) -> "LowRankTransitions":
-        """Rebuild from a state dict's ``<prefix>Q_*``/``<prefix>M_*`` entries (shapes from the file)."""
-        Q = {k[len(prefix) + 2:]: v for k, v in state.items() if k.startswith(prefix + "Q_")}
-        M = {k[len(prefix) + 2:]: v for k, v in state.items() if k.startswith(prefix + "M_")}
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "LowRankTransitions":
+        """Rebuild from this module's own state dict (``Q_attn_0``, ``M_attn_0``, ...; shapes from it)."""
+        Q = {k[2:]: v for k, v in state.items() if k.startswith("Q_")}
+        M = {k[2:]: v for k, v in state.items() if k.startswith("M_")}
         return cls(Q, M)  # keys stay in buffer form (attn_0); forward maps attn.0 -> attn_0 the same
 
 

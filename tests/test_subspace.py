@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.methods import MethodSpec, check_subspace, prepare_model
 from pipeline.models import load_model
 from pipeline.quantizers import QuantSpec
-from pipeline.rotation_plan import transition_deltas
+from pipeline.surgery import replace_norms
 from pipeline.subspace import ApproxSpec, adaptive_rank, approximate, approximate_set, restore_float64
 from pipeline.transitions import LowRankTransitions
 from test_invariance import MODELS, _f64_model, _logits, _max_rel, _random_per_layer_set
@@ -117,10 +117,14 @@ RESPIN = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", online_r3=
 
 def _subspace(model, rotations, rank) -> dict[str, torch.Tensor]:
     dims = adapter_for(model).dims(model)
-    eye = torch.eye(dims.hidden, dtype=torch.float64)
-    bases = {k: orthonormalize(v) for k, v in rotations.items() if not k.startswith("R2.")}
-    T = {k: d + eye for k, d in transition_deltas(bases, dims.n_layers).items()}
-    return approximate_set(T, ApproxSpec(rank=rank), progress=False)[0]
+    bases = {k: orthonormalize(v.double()) for k, v in rotations.items() if not k.startswith("R2.")}
+    return approximate_set(bases, dims.n_layers, ApproxSpec(rank=rank), progress=False)[0]
+
+
+def _original(name, tokens):
+    reference = _f64_model(name)
+    replace_norms(reference, adapter_for(reference))
+    return _logits(reference, tokens)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -134,22 +138,53 @@ def test_full_rank_reproduces_exact_layerwise_float64(name, tokens):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_zero_rank_reproduces_identity_transitions_float64(name, tokens):
+    """r = 0: every transition is I, so every basis is A_0: the global model with R1 = A_0, exactly."""
     rotations = _random_per_layer_set(_f64_model(name), seed=7)
-    identity = prepare_model(_f64_model(name), LAYERWISE, rotations, QuantSpec())
-    for buf in identity.rsq_transitions.buffers():
-        buf.zero_()  # dense T - I = 0: every transition is I
+    global_set = {"R1": rotations["A.0"], **{k: v for k, v in rotations.items() if k.startswith("R2.")}}
+    method = MethodSpec(name="global", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True)
+    identity = prepare_model(_f64_model(name), method, global_set, QuantSpec())
     model = _f64_model(name)
     prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, 0))
     assert _max_rel(_logits(model, tokens), _logits(identity, tokens)) <= 1e-9
+    for buf in model.rsq_transitions.buffers():
+        assert buf.numel() == 0
+    ref = prepare_model(_f64_model(name), method, global_set, QuantSpec(w_bits=4, a_bits=4, kv_bits=4))
+    quantized = _f64_model(name)
+    prepare_model(quantized, RESPIN, rotations, QuantSpec(w_bits=4, a_bits=4, kv_bits=4), _subspace(model, rotations, 0))
+    assert _max_rel(_logits(quantized, tokens), _logits(ref, tokens)) <= 1e-9  # same weights, same grid
 
 
-def test_intermediate_rank_lies_between(tokens):
-    """Guards the two tests above: a partial rank is neither the exact nor the identity model."""
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("rank", [1, 16, "adaptive"])
+def test_every_rank_preserves_the_function_float64(name, rank, tokens):
+    """The weights are fused in the bases chained from the approximations: quantization off, the model
+    is the original one at any rank (only the quantization grid differs between ranks)."""
+    model = _f64_model(name)
+    rotations = _random_per_layer_set(model, seed=7)
+    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, rank))
+    assert _max_rel(_logits(model, tokens), _original(name, tokens)) <= 1e-9
+
+
+def test_intermediate_rank_fuses_other_weights(tokens):
+    """Guards the tests above: a partial rank fuses weights unlike both r = 0 and exact layer-wise."""
     rotations = _random_per_layer_set(_f64_model("tiny_llama"), seed=7)
-    exact = _logits(prepare_model(_f64_model("tiny_llama"), LAYERWISE, rotations, QuantSpec()), tokens)
+    weights = {}
+    for rank in (0, 16, "full"):
+        model = _f64_model("tiny_llama")
+        prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, rank))
+        weights[rank] = model.model.layers[1].mlp.down_proj.linear.weight
+    assert (weights[16] - weights[0]).abs().max() > 1e-3 and (weights[16] - weights["full"]).abs().max() > 1e-3
+
+
+def test_chain_tracks_the_trained_bases():
+    """Each step approximates the gap to the trained basis, so errors do not pile up along layers."""
     model = _f64_model("tiny_llama")
-    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, 16))
-    assert _max_rel(_logits(model, tokens), exact) > 1e-3
+    rotations = _random_per_layer_set(model, seed=7)
+    bases = {k: orthonormalize(v) for k, v in rotations.items() if not k.startswith("R2.")}
+    errors = {r: [row["basis_error"] for row in approximate_set(bases, 2, ApproxSpec(rank=r), progress=False)[1]]
+              for r in (0, 32, 96, "full")}
+    assert max(errors["full"]) <= 1e-12
+    assert all(e96 < e32 < e0 for e0, e32, e96 in zip(errors[0], errors[32], errors[96]))
 
 
 def test_subspace_for_another_model_refused():

@@ -14,7 +14,6 @@ from ..config import select_variant
 from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations
 from ..models import load_model, model_fingerprint
-from ..rotation_plan import transition_deltas
 from ..subspace import ApproxSpec, approximate_set, rotation_digest, summarize
 from ..tracking import stage_run
 
@@ -33,10 +32,8 @@ def run(cfg: DictConfig) -> None:
     rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
     bases = {k: orthonormalize(v.to(torch.float64)) for k, v in rotations.items() if not k.startswith("R2.")}
-    eye = torch.eye(dims.hidden_size, dtype=torch.float64)
-    transitions = {k: d + eye for k, d in transition_deltas(bases, dims.num_hidden_layers).items()}
     with stage_run(cfg, "approximate", name):
-        tensors, rows = approximate_set(transitions, spec)
+        tensors, rows = approximate_set(bases, dims.num_hidden_layers, spec)
         summary = summarize(rows)
         meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
                 "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True))}
