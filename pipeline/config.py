@@ -102,7 +102,7 @@ def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
     for stage in ("global", "layerwise"):
         source = chosen.get(f"{stage}_from") or name
         if source != name:
-            _check_source(variants, name, source, stage)
+            _check_source(variants, name, source, stage, bool(cfg.get("train", {}).get("quantize_weights")))
         sources[stage] = source
     with open_dict(out):
         out.method = chosen.method
@@ -116,8 +116,9 @@ def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
 _ROTATION_FIELDS = ("r1", "r2", "seed", "train", "online_r3", "online_r4")
 
 
-def _check_source(variants: DictConfig, name: str, source: str, stage: str) -> None:
-    """A variant may reuse ``source``'s rotation set only if that set was made the same way."""
+def _check_source(variants: DictConfig, name: str, source: str, stage: str, weights_in_training: bool) -> None:
+    """A variant may reuse ``source``'s rotation set only if that set was made the same way: same
+    rotation method, same activation/KV quant (and weight quant when training quantizes weights)."""
     where = f"variants.{name}.{stage}_from={source}"
     if source not in variants:
         raise PipelineError(f"{where}: no such variant")
@@ -125,9 +126,9 @@ def _check_source(variants: DictConfig, name: str, source: str, stage: str) -> N
     if stage == "layerwise" and not theirs.method.get("per_layer"):
         raise PipelineError(f"{where}: {source} has no per-layer rotations")
     differ = [f for f in _ROTATION_FIELDS if mine.method.get(f) != theirs.method.get(f)]
-    # weight quant settings do not reach training unless train.quantize_weights; bits and clips do
-    differ += [f"quant.{f}" for f in ("w_bits", "a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio")
-               if mine.quant.get(f) != theirs.quant.get(f)]
+    trained_with = [f for f in mine.quant if f != "name"] if weights_in_training else \
+        ["a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio"]
+    differ += [f"quant.{f}" for f in trained_with if mine.quant.get(f) != theirs.quant.get(f)]
     if differ:
         raise PipelineError(f"{where}: its rotations were made differently ({', '.join(differ)} differ)")
 

@@ -74,16 +74,14 @@ def sym_scale_mse(
 
 
 def quantize_weight_rtn(w: torch.Tensor, bits: int, mse_clip: bool = True) -> torch.Tensor:
-    """Per-output-channel symmetric round-to-nearest fake quant of a ``(out, in)`` weight."""
+    """Per-output-channel symmetric round-to-nearest fake quant of a ``(out, in)`` weight (STE): the
+    same grid as ``weight_quant.rtn``, which makes the integer codes of a fused model."""
     if bits >= OFF_BITS:
         return w
-    qmax = 2 ** (bits - 1) - 1
-    if mse_clip:
-        scale = sym_scale_mse(w, bits)
-    else:
-        scale = (w.detach().abs().amax(dim=1, keepdim=True) / qmax).clamp(min=1e-8)
-    deq = torch.clamp(torch.round(w.detach() / scale), -qmax - 1, qmax) * scale
-    return _ste(w, deq)
+    from .weight_quant import dequantize, rtn  # weight_quant builds on sym_scale_mse above
+
+    codes, scale = rtn(w, bits, mse_clip)
+    return _ste(w, dequantize(codes, scale, w.dtype))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import DecoderAdapter
 from .cayley import orthonormalize
+from .quantizers import OFF_BITS, QuantSpec, quantize_weight_rtn
 from .rotation_plan import Transform, is_per_layer, rotation_plan, transform_tensor
 from .transitions import attach_transitions
 
@@ -44,23 +45,38 @@ class TrainableRotations(nn.Module):
 
 
 class RotatedWeight(nn.Module):
-    """Parametrization ``W -> transforms(W)`` with the current rotations (not a submodule of it)."""
+    """Parametrization ``W -> Q_w(transforms(W))`` with the current rotations (not a submodule of it);
+    ``Q_w`` is per-output-channel RTN fake quant with a straight-through estimator, or nothing."""
 
-    def __init__(self, transforms: list[tuple[Transform, str]], rotations: TrainableRotations) -> None:
+    def __init__(self, transforms: list[tuple[Transform, str]], rotations: TrainableRotations,
+                 weight_quant: QuantSpec | None = None) -> None:
         super().__init__()
         self.transforms = transforms
         self.current = rotations.as_dict  # a bound method, so the rotations are not registered twice
+        self.weight_quant = weight_quant
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        return transform_tensor(W, self.transforms, self.current())
+        W = transform_tensor(W, self.transforms, self.current())
+        if self.weight_quant is not None:
+            W = quantize_weight_rtn(W, self.weight_quant.w_bits, self.weight_quant.w_mse_clip)
+        return W
 
 
-def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: TrainableRotations) -> list[RemovableHandle]:
-    """Freeze the model, fuse ``rotations`` into its weights on the fly; returns the transition hooks."""
+def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: TrainableRotations,
+                          weight_quant: QuantSpec | None = None) -> list[RemovableHandle]:
+    """Freeze the model, fuse ``rotations`` into its weights on the fly; returns the transition hooks.
+
+    With ``weight_quant`` (``train.quantize_weights``), every decoder linear's weight is also RTN
+    fake-quantized (STE) after rotation; embedding and lm_head stay 16-bit, as at fuse.
+    """
     for p in model.parameters():
         p.requires_grad_(False)
+    if weight_quant is not None and weight_quant.w_bits >= OFF_BITS:
+        weight_quant = None
+    unquantized = {id(adapter.embedding(model)), id(adapter.lm_head(model))}
     for module, attr, transforms in rotation_plan(model, adapter):
-        parametrize.register_parametrization(module, attr, RotatedWeight(transforms, rotations))
+        wq = weight_quant if attr == "weight" and id(module) not in unquantized else None
+        parametrize.register_parametrization(module, attr, RotatedWeight(transforms, rotations, wq))
     if not is_per_layer(rotations.as_dict()):
         return []
 

@@ -54,3 +54,23 @@ def test_gradients_reach_every_rotation(method, tokens):
     for name, R in rot.as_dict().items():
         assert R.grad is not None and R.grad.abs().sum() > 0, name
     assert all(not p.requires_grad for n, p in model.named_parameters() if "original" in n)
+
+
+def test_training_with_quantized_weights_sees_the_rtn_grid(tokens):
+    """train.quantize_weights: decoder weights pass RTN fake quant (STE) after rotation, like the fused
+    model's RTN weights; embedding and lm_head stay 16-bit; gradients still reach the rotations."""
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
+    rotations = make_rotations(GLOBAL, load_model(model_cfg("tiny_llama"))[0])
+    fused, adapter = _model("tiny_llama", GLOBAL, quant)
+    apply_rotation_set(fused, adapter, rotations)
+    from pipeline.methods import quantize_linear_weights
+
+    quantize_linear_weights(fused, adapter, quant)
+    trained, adapter2 = _model("tiny_llama", GLOBAL, quant)
+    rot = TrainableRotations(rotations, torch.float64)
+    parametrize_rotations(trained, adapter2, rot, quant)
+    q_proj = trained.model.layers[0].self_attn.q_proj.linear.weight
+    assert torch.allclose(q_proj, fused.model.layers[0].self_attn.q_proj.linear.weight, rtol=0, atol=1e-12)
+    assert torch.allclose(trained.lm_head.weight, fused.lm_head.weight, rtol=0, atol=1e-12)  # not quantized
+    trained(tokens, labels=tokens).loss.backward()
+    assert all(R.grad is not None and R.grad.abs().sum() > 0 for R in rot.as_dict().values())

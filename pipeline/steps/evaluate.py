@@ -25,6 +25,7 @@ def run(cfg: DictConfig) -> None:
         metrics = {"wikitext2_ppl": result["ppl"], "wikitext2_windows": windows.shape[0],
                    "wikitext2_seqlen": windows.shape[1], "wikitext2_tokens": result["tokens"]}
         write_json(paths.eval_metrics(cfg, name), {"method": cfg.method.name, "quant": cfg.quant.name,
+                                                   "weights": cfg.quant.get("weight_method", "rtn"),
                                                    "wikitext2_text_sha256": text_digest(text), **metrics})
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(paths.eval_metrics(cfg, name)))

@@ -97,7 +97,7 @@ def run(cfg: DictConfig) -> None:
     if cfg.train.grad_checkpointing:
         enable_checkpointing(model)
     rotations = TrainableRotations(init).to(device)
-    parametrize_rotations(model, adapter, rotations)
+    parametrize_rotations(model, adapter, rotations, train_quant)
     windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
     windows = windows["windows"].to(device)
     # a checkpoint resumes only the very same run: same settings, ranks, calibration tokens and start
