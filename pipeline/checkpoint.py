@@ -26,7 +26,7 @@ from torch import nn
 from .adapters import adapter_for
 from .artifacts import atomic_dir, load_tensors, save_tensors
 from .errors import PipelineError
-from .methods import MethodSpec, attach_online_ops
+from .methods import MethodSpec, attach_online_ops, quant_spec, transition_keys
 from .models import DTYPES, model_fingerprint
 from .online import QuantLinear
 from .quantizers import QuantSpec
@@ -51,7 +51,7 @@ def _packed_state(model: nn.Module, bits: int) -> dict[str, torch.Tensor]:
             continue
         weight = module.linear.weight.detach()
         scale = module.weight_scale
-        codes = torch.round(weight / expand(scale, weight.shape[1])).to(torch.int8)
+        codes = torch.round(weight.float() / expand(scale.float(), weight.shape[1])).to(torch.int8)
         if not torch.equal(dequantize(codes, scale, weight.dtype), weight):
             raise PipelineError(f"{name}: weights are not on their quantization grid; cannot pack them")
         del state[f"{name}.linear.weight"]
@@ -123,20 +123,28 @@ def load_quantized(folder: str | Path) -> nn.Module:
             f"{folder} was made for another model (fingerprint {config['fingerprint']}, its config.json gives {fingerprint})"
         )
     tensors, _ = load_tensors(folder / WEIGHTS, fingerprint)
-    method, quant = MethodSpec(**config["method"]), QuantSpec(**config["quant"])
+    try:
+        method, quant = MethodSpec(**config["method"]), quant_spec(config["quant"])
+        kind = config["online"]["transitions"]
+    except (KeyError, TypeError) as exc:
+        raise PipelineError(f"{folder}/{CONFIG} lacks or mistypes an entry ({exc})") from None
     adapter = adapter_for(model)
     untie_embeddings(model, adapter)
     replace_norms(model, adapter)
     attach_online_ops(model, adapter, method, quant)
-    kind = config["online"]["transitions"]
     if kind != "none":
         state = {k[len(TRANSITIONS):]: v for k, v in tensors.items() if k.startswith(TRANSITIONS)}
         module = DenseTransitions(state) if kind == "dense" else LowRankTransitions.from_state(state)
+        expected = {k.replace(".", "_") for k in transition_keys(adapter.dims(model).n_layers)}
+        if set(module.keys()) != expected:
+            raise PipelineError(f"{folder}/{WEIGHTS} does not hold the {len(expected)} {kind} transitions its config names")
         attach_transition_module(model, adapter, module)
     dtype = adapter.embedding(model).weight.dtype
     for key in [k for k in tensors if k.endswith(".linear.qweight")]:
         prefix = key[: -len(".linear.qweight")]
-        scale = tensors[f"{prefix}.weight_scale"]
+        scale = tensors.get(f"{prefix}.weight_scale")
+        if scale is None:
+            raise PipelineError(f"{folder}/{WEIGHTS} has packed {prefix} weights but no {prefix}.weight_scale")
         model.get_submodule(prefix).weight_scale = scale
         tensors[f"{prefix}.linear.weight"] = dequantize(unpack(tensors.pop(key), quant.w_bits), scale, dtype)
     try:

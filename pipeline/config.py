@@ -91,7 +91,8 @@ def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
         if cfg.method.get("transition") == "low_rank":
             name += f"_r{cfg.approx.rank}" + (f"{cfg.approx.energy:g}" if cfg.approx.rank == "adaptive" else "")
         with open_dict(out):
-            out.sources = {"global": base, "layerwise": base}
+            # the subspace depends on the rotations and the rank, not on the weight quantizer
+            out.sources = {"global": base, "layerwise": base, "subspace": base + name[len(base):].replace("_gptq", "")}
         return name, out
     variants = cfg.get("variants") or {}
     if name not in variants:
@@ -104,6 +105,7 @@ def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
         if source != name:
             _check_source(variants, name, source, stage, bool(cfg.get("train", {}).get("quantize_weights")))
         sources[stage] = source
+    sources["subspace"] = name
     with open_dict(out):
         out.method = chosen.method
         out.quant = chosen.quant
@@ -126,8 +128,9 @@ def _check_source(variants: DictConfig, name: str, source: str, stage: str, weig
     if stage == "layerwise" and not theirs.method.get("per_layer"):
         raise PipelineError(f"{where}: {source} has no per-layer rotations")
     differ = [f for f in _ROTATION_FIELDS if mine.method.get(f) != theirs.method.get(f)]
-    trained_with = [f for f in mine.quant if f != "name"] if weights_in_training else \
-        ["a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio"]
+    trained_with = ["a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio"]
+    if weights_in_training:  # training fake-quantizes weights with RTN on this grid
+        trained_with += ["w_bits", "w_mse_clip", "w_group_size"]
     differ += [f"quant.{f}" for f in trained_with if mine.quant.get(f) != theirs.quant.get(f)]
     if differ:
         raise PipelineError(f"{where}: its rotations were made differently ({', '.join(differ)} differ)")

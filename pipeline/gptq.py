@@ -3,7 +3,8 @@
 ``gptq`` quantizes one weight given the Hessian ``H = 2/n Σ x xᵀ`` of its inputs: columns in order (or
 by descending ``diag(H)``, act-order), each rounded on a fixed symmetric grid (per-output-channel or
 per-group scales with MSE clip, computed from the unquantized weight) and its rounding error spread
-over the columns not yet quantized through the upper Cholesky factor of ``H⁻¹``, in blocks of 128.
+over the columns not yet quantized through the upper Cholesky factor of ``H⁻¹``, in lazy blocks
+(``quant.gptq_block``, 128).
 
 ``gptq_model`` runs the calibration windows through the decoder one layer at a time: it caches the
 inputs of the current layer, collects each linear's Hessian from the input the linear really sees
@@ -36,14 +37,14 @@ def gptq(
     W = w.detach().to(torch.float32).clone()
     H = H.detach().to(torch.float64).clone()
     k = W.shape[1]
-    scale = weight_scale(W, bits, mse_clip, group_size)  # static grid: groups stay contiguous under act-order
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(k)
+    scale = weight_scale(W, bits, mse_clip, group_size)  # static grid: groups stay contiguous under act-order
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(k, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     col_scale = expand(scale, k)[:, perm].to(torch.float32)
-    H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype)
+    H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype, device=H.device)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
     codes = torch.zeros_like(W, dtype=torch.int8)
     for i1 in range(0, k, block):

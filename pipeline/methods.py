@@ -201,11 +201,13 @@ def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dic
     r64 = {k: orthonormalize(v.detach().to(torch.float64)) for k, v in rotations.items()}
     n_layers = adapter.dims(model).n_layers
     dtype = adapter.embedding(model).weight.dtype
+    t_dtype = torch.promote_types(dtype, torch.float32)  # rank-r transitions: at least float32
     transitions: nn.Module | None = None
     if subspace is not None:
         Qs, Ms = restored_subspace(subspace, transition_keys(n_layers))
         r64.update(chained_bases(r64["A.0"], Qs, Ms, n_layers))
-        transitions = LowRankTransitions({k: v.to(dtype) for k, v in Qs.items()}, {k: v.to(dtype) for k, v in Ms.items()})
+        transitions = LowRankTransitions({k: v.to(t_dtype) for k, v in Qs.items()},
+                                         {k: v.to(t_dtype) for k, v in Ms.items()})
     elif is_per_layer(rotations):
         deltas = transition_deltas(r64, n_layers)
         transitions = DenseTransitions({k: v.to(dtype) for k, v in deltas.items()})

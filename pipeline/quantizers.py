@@ -73,14 +73,15 @@ def sym_scale_mse(
     return best_scale
 
 
-def quantize_weight_rtn(w: torch.Tensor, bits: int, mse_clip: bool = True) -> torch.Tensor:
-    """Per-output-channel symmetric round-to-nearest fake quant of a ``(out, in)`` weight (STE): the
-    same grid as ``weight_quant.rtn``, which makes the integer codes of a fused model."""
+def quantize_weight_rtn(w: torch.Tensor, bits: int, mse_clip: bool = True, group_size: int = 0) -> torch.Tensor:
+    """Symmetric round-to-nearest fake quant of a ``(out, in)`` weight, per output channel (or per
+    group of ``group_size`` inputs), with STE: the same grid as ``weight_quant.rtn``, which makes the
+    integer codes of a fused model."""
     if bits >= OFF_BITS:
         return w
     from .weight_quant import dequantize, rtn  # weight_quant builds on sym_scale_mse above
 
-    codes, scale = rtn(w, bits, mse_clip)
+    codes, scale = rtn(w, bits, mse_clip, group_size)
     return _ste(w, dequantize(codes, scale, w.dtype))
 
 

@@ -22,12 +22,14 @@ import torch
 
 from .artifacts import load_tensors
 from .cayley import orthonormalize
-from .config import compose_pipeline
+from . import paths
+from .config import CONF_DIR, compose_pipeline
 from .data import eval_windows, tokenize, wikitext2_test_text
 from .errors import PipelineError
 from .methods import MethodSpec, prepare_model, quant_spec
 from .models import load_model, model_fingerprint
 from .perplexity import perplexity
+from .quantizers import WEIGHT_METHODS
 from .subspace import ApproxSpec, approximate_set, summarize
 
 FIELDS = ["quant", "weights", "method", "rank", "mean_rank", "mean_energy", "mean_rel_error",
@@ -56,28 +58,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="METHOD=PATH",
                         help="a rotation set: quarot/spinquant (global) or layerwise (per-layer)")
     parser.add_argument("--ranks", nargs="*", default=["0", "8", "32", "128", "full", "adaptive"])
-    parser.add_argument("--weights", nargs="*", default=["rtn", "gptq"])
+    parser.add_argument("--weights", nargs="*", default=list(WEIGHT_METHODS), choices=WEIGHT_METHODS)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", required=True, help="CSV to append rows to")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pipeline.yaml")
     args = parser.parse_args(argv)
+    cli_errors_as_one_line(run, args)
+
+
+def cli_errors_as_one_line(fn, *args) -> None:
+    """Run a CLI body; a PipelineError ends it with one ``error:`` line and exit status 2."""
     try:
-        run(args)
+        fn(*args)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
+def parse_sets(specs: list[str]) -> dict[str, str]:
+    """``["quarot=PATH", ...]`` -> ``{"quarot": "PATH"}``; only the methods the sweep knows."""
+    sets = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or name not in ("quarot", "spinquant", "layerwise") or not path:
+            raise PipelineError(f"--set {spec}: give quarot=PATH, spinquant=PATH or layerwise=PATH")
+        sets[name] = path
+    return sets
+
+
 def run(args: argparse.Namespace) -> None:
+    sets = parse_sets(args.set)
+    if not (CONF_DIR / "quant" / f"{args.quant}.yaml").is_file():
+        raise PipelineError(f"--quant {args.quant}: no conf/quant/{args.quant}.yaml")
     cfg = compose_pipeline([f"quant@variants.rtn.quant={args.quant}", *args.overrides])
     methods = _methods(cfg)
     base_quant = quant_spec(cfg.variants.rtn.quant)
-    sets = dict(s.split("=", 1) for s in args.set)
     model, tok = load_model(cfg.model)
     fingerprint = model_fingerprint(model)
     dims = model.config
     windows = eval_windows(tokenize(wikitext2_test_text(cfg.data), tok), cfg.eval.seqlen, cfg.eval.max_windows)
-    calib, _ = load_tensors(Path(cfg.paths.artifacts) / "calib" / "windows.safetensors", fingerprint)
+    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"] if "gptq" in args.weights else None
     rotations = {name: load_tensors(path, fingerprint)[0] for name, path in sets.items()}
     rows: list[tuple[str, MethodSpec, dict, dict | None, dict]] = [("rtn", methods["rtn"], {}, None, {})]
     for name in ("quarot", "spinquant", "layerwise"):
@@ -100,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
                     continue
                 start = time.perf_counter()
                 fresh, _ = load_model(cfg.model)
-                prepare_model(fresh, method, rot, quant, sub, calib["windows"])
+                prepare_model(fresh, method, rot, quant, sub, calib)
                 label = f"{args.quant} {weights} {name} {extra.get('rank', '')}"
                 ppl = perplexity(fresh, windows, desc=label)["ppl"]
                 writer.writerow({

@@ -58,7 +58,8 @@ class RotatedWeight(nn.Module):
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         W = transform_tensor(W, self.transforms, self.current())
         if self.weight_quant is not None:
-            W = quantize_weight_rtn(W, self.weight_quant.w_bits, self.weight_quant.w_mse_clip)
+            q = self.weight_quant
+            W = quantize_weight_rtn(W, q.w_bits, q.w_mse_clip, q.w_group_size)
         return W
 
 

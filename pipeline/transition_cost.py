@@ -19,10 +19,9 @@ from .config import compose_pipeline
 from .data import eval_windows, tokenize, wikitext2_test_text
 from .methods import MethodSpec, prepare_model, quant_spec
 from .models import load_model, model_fingerprint
-from .sweep import subspaces
+from .sweep import cli_errors_as_one_line, subspaces
 
 
-@torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--global-set", required=True)
@@ -31,8 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args(argv)
+    cli_errors_as_one_line(run, parser.parse_args(argv))
 
+
+@torch.no_grad()
+def run(args: argparse.Namespace) -> None:
     cfg = compose_pipeline()
     quant = quant_spec(cfg.variants.spinquant.quant)
     base, tok = load_model(cfg.model)

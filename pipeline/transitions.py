@@ -58,11 +58,9 @@ class DenseTransitions(nn.Module):
         delta = getattr(self, key.replace(".", "_"))
         return h @ delta.to(h.dtype)
 
-    @classmethod
-    def zeros(cls, n_layers: int, hidden: int, dtype: torch.dtype) -> "DenseTransitions":
-        """Right-shaped buffers for loading a checkpoint into."""
-        return cls({f"{s}.{i}": torch.zeros(hidden, hidden, dtype=dtype)
-                    for i in range(n_layers) for s in ("attn", "ffn")})
+    def keys(self) -> list[str]:
+        """The adds it holds, in buffer form (``attn_0``)."""
+        return [k for k, _ in self.named_buffers()]
 
 
 class LowRankTransitions(nn.Module):
@@ -89,6 +87,10 @@ class LowRankTransitions(nn.Module):
         dtype = torch.promote_types(h.dtype, torch.float32)
         Q = Q.to(dtype)
         return (((h.to(dtype) @ Q) @ M.to(dtype)) @ Q.T).to(h.dtype)
+
+    def keys(self) -> list[str]:
+        """The adds it holds, in buffer form (``attn_0``)."""
+        return [k[2:] for k, _ in self.named_buffers() if k.startswith("Q_")]
 
     def ranks(self) -> dict[str, int]:
         return {k[2:]: v.shape[1] for k, v in self.named_buffers() if k.startswith("Q_")}

@@ -130,3 +130,15 @@ def test_gptq_needs_calibration_windows():
     model, _ = load_model(model_cfg("tiny_llama"))
     with pytest.raises(PipelineError, match="gptq needs calibration windows"):
         prepare_model(model, QUAROT, make_rotations(QUAROT, model), QuantSpec(w_bits=4, weight_method="gptq"))
+
+
+def test_missing_transitions_refused(tmp_path):
+    model, tok, fingerprint = _prepared("tiny_llama", RESPIN, W4A4, rank=4)
+    save_quantized(tmp_path / "ckpt", model, tok, RESPIN, W4A4, fingerprint)
+    from pipeline.artifacts import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(tmp_path / "ckpt" / WEIGHTS)
+    del tensors["rsq_transitions.Q_ffn_1"], tensors["rsq_transitions.M_ffn_1"]
+    save_tensors(tmp_path / "ckpt" / WEIGHTS, tensors, meta)
+    with pytest.raises(PipelineError, match="does not hold the 4 low_rank transitions"):
+        load_quantized(tmp_path / "ckpt")

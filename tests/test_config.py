@@ -72,7 +72,8 @@ def test_hand_run_names_carry_weights_and_rank():
     cfg.variant = None
     name, chosen = select_variant(cfg)
     assert name == "respinquant_w4a4kv4_gptq_r8"
-    assert chosen.sources == {"global": "respinquant_w4a4kv4", "layerwise": "respinquant_w4a4kv4"}
+    assert chosen.sources == {"global": "respinquant_w4a4kv4", "layerwise": "respinquant_w4a4kv4",
+                              "subspace": "respinquant_w4a4kv4_r8"}  # shared by the RTN and GPTQ fuses
 
 
 def test_calibration_windows_follow_train_profile():

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
 from pipeline.methods import MethodSpec, apply_rotation_set, make_rotations, prepare_base
 from pipeline.models import load_model
 from pipeline.quantizers import QuantSpec

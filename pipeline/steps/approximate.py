@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> None:
         summary = summarize(rows)
         meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
                 "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True))}
-        save_tensors(paths.subspace(cfg, name), {k: v.to(torch.float32) for k, v in tensors.items()}, meta)
+        save_tensors(paths.subspace(cfg, cfg.sources["subspace"]), {k: v.to(torch.float32) for k, v in tensors.items()}, meta)
         csv_path = paths.approx_metrics(cfg, name)
         write_csv(csv_path, rows)
         write_json(csv_path.with_suffix(".json"), {"rank": spec.label, **summary})

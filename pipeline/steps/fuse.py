@@ -29,9 +29,10 @@ def run(cfg: DictConfig) -> None:
     rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources[stage], stage), fingerprint)
     subspace = None
     if method.transition == "low_rank":
-        subspace, meta = load_tensors(paths.subspace(cfg, name), fingerprint)
+        sub_path = paths.subspace(cfg, cfg.sources["subspace"])
+        subspace, meta = load_tensors(sub_path, fingerprint)
         if meta.get("rotations") != rotation_digest(rotations):
-            raise PipelineError(f"{paths.subspace(cfg, name)} was made from other rotations: rerun the approximate stage")
+            raise PipelineError(f"{sub_path} was made from other rotations: rerun the approximate stage")
     windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
     windows = windows["windows"]
     with stage_run(cfg, "fuse", name):

@@ -1,0 +1,60 @@
+"""The acceptance-table CLIs on a tiny model: rows and columns, and bad input as one line."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, SHARED_DATA, model_cfg
+from pipeline.artifacts import save_tensors
+from pipeline.methods import MethodSpec, make_rotations
+from pipeline.models import load_model, model_fingerprint
+
+TINY = ["model=tiny_llama", "eval.seqlen=64", "eval.max_windows=1"]
+
+
+def _cli(module: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RSQ_DATA_DIR": str(SHARED_DATA), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _sets(tmp_path) -> list[str]:
+    model, _ = load_model(model_cfg("tiny_llama"))
+    meta = {"fingerprint": model_fingerprint(model)}
+    quarot = MethodSpec(name="quarot", r1="random_hadamard", r2="random_hadamard")
+    layerwise = MethodSpec(name="layerwise", r1="random_hadamard", r2="random_hadamard", per_layer=True)
+    per_layer = make_rotations(layerwise, model)
+    g = torch.Generator().manual_seed(0)
+    for k in per_layer:  # move the bases apart so the transitions are not the identity
+        if k[:2] in ("A.", "B."):
+            per_layer[k] = torch.linalg.qr(per_layer[k] + 0.1 * torch.randn(per_layer[k].shape, generator=g, dtype=per_layer[k].dtype))[0]
+    save_tensors(tmp_path / "q.safetensors", make_rotations(quarot, model), meta)
+    save_tensors(tmp_path / "l.safetensors", per_layer, meta)
+    return ["--set", f"quarot={tmp_path / 'q.safetensors'}", "--set", f"layerwise={tmp_path / 'l.safetensors'}"]
+
+
+def test_sweep_writes_one_row_per_method_rank_and_quantizer(tmp_path):
+    out = tmp_path / "table.csv"
+    proc = _cli("pipeline.sweep", "--quant", "w4a4kv4", *_sets(tmp_path), "--ranks", "0", "full", "adaptive",
+                "--weights", "rtn", "--out", str(out), *TINY, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["method"], r["rank"]) for r in rows] == [
+        ("rtn", ""), ("quarot", ""), ("layerwise", ""), ("respinquant", "0"), ("respinquant", "full"),
+        ("respinquant", "adaptive0.9")]
+    assert all(float(r["wikitext2_ppl"]) > 1 and r["weights"] == "rtn" for r in rows)
+    assert float(rows[4]["mean_rank"]) == 192 and float(rows[4]["mean_rel_error"]) < 1e-9
+
+
+def test_sweep_bad_input_is_one_line(tmp_path):
+    for args, message in [(["--set", "foo"], "--set foo: give quarot=PATH"),
+                          (["--quant", "w5a5"], "--quant w5a5: no conf/quant/w5a5.yaml"),
+                          (["--set", f"layerwise={tmp_path / 'none.safetensors'}"], "does not exist")]:
+        proc = _cli("pipeline.sweep", *args, "--out", str(tmp_path / "t.csv"), *TINY, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "t.csv").exists()
