@@ -77,11 +77,41 @@ def adaptive_rank(sigma: torch.Tensor, energy: float) -> int:
 
 
 def polar(a: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor ``U Vᵀ`` of a square ``a`` (its nearest orthogonal matrix)."""
+    """The orthogonal polar factor ``U Vᵀ`` of a square ``a`` (its nearest orthogonal matrix), float64.
+
+    LAPACK's divide-and-conquer SVD can fail, or silently lose accuracy, on the compressed transitions
+    (their singular values come in repeated pairs), so the result is checked. The fallback is
+    ``a (aᵀa)^(-1/2)`` from the symmetric eigensolver, polished by Newton steps ``X <- (X + X⁻ᵀ) / 2``.
+    """
     if a.numel() == 0:
         return a.clone()
-    u, _, vh = torch.linalg.svd(a)
-    return u @ vh
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    try:
+        u, _, vh = torch.linalg.svd(a)
+        X = u @ vh
+        if (X.T @ X - eye).abs().max() <= 1e-12 and (X.T @ a - (X.T @ a).T).abs().max() <= 1e-12:
+            return X  # orthogonal, and Xᵀa symmetric (its polar factor's defining property)
+    except torch.linalg.LinAlgError:
+        pass
+    lam, V = torch.linalg.eigh(a.T @ a)
+    if lam.min() <= lam.max() * 1e-24:
+        raise PipelineError("a compressed transition is singular: its polar factor is not unique")
+    X = a @ (V * lam.rsqrt()) @ V.T
+    for _ in range(3):
+        X = 0.5 * (X + torch.linalg.inv(X).T)
+    return X
+
+
+def singular_pairs(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors (D, D) and singular values (D,), descending, of a normal ``delta``.
+
+    ``ΔT = T - I`` of an orthogonal T is normal, so its left singular vectors are the eigenvectors of
+    ``ΔT ΔTᵀ``: the symmetric eigensolver gives them reliably where the general SVD can fail to
+    converge on the repeated pairs of singular values.
+    """
+    lam, V = torch.linalg.eigh(delta @ delta.T)
+    order = torch.argsort(lam, descending=True)
+    return V[:, order], lam[order].clamp(min=0).sqrt()
 
 
 @dataclass
@@ -110,8 +140,7 @@ def approximate(T: torch.Tensor, spec: ApproxSpec) -> Approximation:
     T = T.detach().to(torch.float64)
     D = T.shape[0]
     eye = torch.eye(D, dtype=torch.float64)
-    delta = T - eye
-    U, sigma, _ = torch.linalg.svd(delta)
+    U, sigma = singular_pairs(T - eye)
     r = spec.rank_for(sigma)
     Q = U[:, :r].contiguous()
     M = polar(Q.T @ T @ Q) - torch.eye(r, dtype=torch.float64)

@@ -207,3 +207,31 @@ def test_low_rank_method_needs_a_subspace():
         prepare_model(model, RESPIN, rotations, QuantSpec())
     with pytest.raises(PipelineError, match="transition=low_rank needs per_layer=true"):
         MethodSpec(name="x", r1="hadamard", transition="low_rank")
+
+
+def test_polar_falls_back_when_the_svd_fails(monkeypatch):
+    """LAPACK's SVD can fail (or lose accuracy) on repeated singular values; the eigensolver route
+    must give the same orthogonal factor."""
+    from pipeline import subspace
+
+    a = torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = subspace.polar(a)
+
+    def failing_svd(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+    got = subspace.polar(a)
+    assert (got - expected).abs().max() <= 1e-12
+    assert (got.T @ got - torch.eye(30, dtype=torch.float64)).abs().max() <= 1e-12
+
+
+def test_singular_pairs_of_a_rotation_delta():
+    from pipeline.subspace import singular_pairs
+
+    T = _near_identity_rotation(6)
+    delta = T - torch.eye(D, dtype=torch.float64)
+    U, sigma = singular_pairs(delta)
+    assert torch.allclose(sigma, torch.linalg.svdvals(delta), atol=1e-10)
+    assert (U.T @ U - torch.eye(D, dtype=torch.float64)).abs().max() <= 1e-12
+    assert torch.allclose(U.T @ delta @ delta.T @ U, torch.diag(sigma**2), atol=1e-12)
