@@ -116,6 +116,14 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def wikitext2_windows(data_cfg: DictConfig | dict, tokenizer, seqlen: int,
+                      max_windows: int | None = None) -> tuple[torch.Tensor, str]:
+    """The evaluation windows every ppl figure uses: WikiText-2 test tokenized once, cut into
+    ``(n, seqlen)`` int64 windows from the start; also the text's digest for the metrics."""
+    text = wikitext2_test_text(data_cfg)
+    return eval_windows(tokenize(text, tokenizer), seqlen, max_windows), text_digest(text)
+
+
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """``(n, seqlen)`` windows at random starts, deterministic by ``seed`` (the papers' calibration)."""
     if n < 1:

@@ -207,6 +207,17 @@ def approximate_set(
     return tensors, rows
 
 
+def approximate_rotations(
+    rotations: dict[str, torch.Tensor], n_layers: int, spec: ApproxSpec, progress: bool = True
+) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """:func:`approximate_set` on a trained per-layer rotation set as stored (``A.i``, ``B.i`` (D, D),
+    any float dtype; ``R2.*`` ignored): the bases are first orthonormalised in float64."""
+    from .cayley import orthonormalize
+
+    bases = {k: orthonormalize(v.to(torch.float64)) for k, v in rotations.items() if not k.startswith("R2.")}
+    return approximate_set(bases, n_layers, spec, progress)
+
+
 def chained_bases(A0: torch.Tensor, Q: dict[str, torch.Tensor], M: dict[str, torch.Tensor],
                   n_layers: int) -> dict[str, torch.Tensor]:
     """The per-layer bases implied by ``A_0`` and the transitions ``T̂ = I + Q M Qᵀ`` (keys ``attn.i``,
@@ -219,7 +230,7 @@ def chained_bases(A0: torch.Tensor, Q: dict[str, torch.Tensor], M: dict[str, tor
     return out
 
 
-def summarize(rows: list[dict]) -> dict[str, float]:
+def summarize(rows: list[dict]) -> dict[str, float | None]:
     """Mean rank, energy and error over the transitions; worst orthogonality; smallest finite gap."""
     n = len(rows)
     gaps = [r["sigma_gap"] for r in rows if math.isfinite(r["sigma_gap"])]
@@ -230,5 +241,5 @@ def summarize(rows: list[dict]) -> dict[str, float]:
         "approx_max_rel_error": max(r["rel_error"] for r in rows),
         "approx_max_orth_error": max(r["orth_error"] for r in rows),
         "approx_mean_basis_error": sum(r["basis_error"] for r in rows) / n,
-        "approx_min_sigma_gap": min(gaps) if gaps else float("nan"),
+        "approx_min_sigma_gap": min(gaps) if gaps else None,  # r = 0 or full rank everywhere: no gap
     }

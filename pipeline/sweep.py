@@ -21,16 +21,15 @@ from pathlib import Path
 import torch
 
 from .artifacts import load_tensors
-from .cayley import orthonormalize
 from . import paths
 from .config import CONF_DIR, compose_pipeline
-from .data import eval_windows, tokenize, wikitext2_test_text
+from .data import wikitext2_windows
 from .errors import PipelineError
 from .methods import MethodSpec, prepare_model, quant_spec
 from .models import load_model, model_fingerprint
 from .perplexity import perplexity
 from .quantizers import WEIGHT_METHODS
-from .subspace import ApproxSpec, approximate_set, summarize
+from .subspace import ApproxSpec, approximate_rotations, summarize
 
 FIELDS = ["quant", "weights", "method", "rank", "mean_rank", "mean_energy", "mean_rel_error",
           "mean_basis_error", "wikitext2_ppl", "windows", "seconds", "peak_rss_mib"]
@@ -43,11 +42,10 @@ def _methods(cfg) -> dict[str, MethodSpec]:
 
 def subspaces(layerwise: dict[str, torch.Tensor], n_layers: int, ranks: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]]:
     """``{rank label: (subspace tensors (float32, as the artifact stores them), summary)}``."""
-    bases = {k: orthonormalize(v.to(torch.float64)) for k, v in layerwise.items() if not k.startswith("R2.")}
     out = {}
     for rank in ranks:
         spec = ApproxSpec(rank=int(rank) if rank.isdigit() else rank)
-        tensors, rows = approximate_set(bases, n_layers, spec, progress=False)
+        tensors, rows = approximate_rotations(layerwise, n_layers, spec, progress=False)
         out[spec.label] = ({k: v.to(torch.float32) for k, v in tensors.items()}, summarize(rows))
     return out
 
@@ -96,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
     model, tok = load_model(cfg.model)
     fingerprint = model_fingerprint(model)
     dims = model.config
-    windows = eval_windows(tokenize(wikitext2_test_text(cfg.data), tok), cfg.eval.seqlen, cfg.eval.max_windows)
+    windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.eval.max_windows)
     calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"] if "gptq" in args.weights else None
     rotations = {name: load_tensors(path, fingerprint)[0] for name, path in sets.items()}
     rows: list[tuple[str, MethodSpec, dict, dict | None, dict]] = [("rtn", methods["rtn"], {}, None, {})]

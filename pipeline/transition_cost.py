@@ -16,7 +16,7 @@ import torch
 
 from .artifacts import load_tensors
 from .config import compose_pipeline
-from .data import eval_windows, tokenize, wikitext2_test_text
+from .data import wikitext2_windows
 from .methods import MethodSpec, prepare_model, quant_spec
 from .models import load_model, model_fingerprint
 from .sweep import cli_errors_as_one_line, subspaces
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
     quant = quant_spec(cfg.variants.spinquant.quant)
     base, tok = load_model(cfg.model)
     fingerprint = model_fingerprint(base)
-    windows = eval_windows(tokenize(wikitext2_test_text(cfg.data), tok), args.seqlen, args.windows)
+    windows, _ = wikitext2_windows(cfg.data, tok, args.seqlen, args.windows)
     glob, _ = load_tensors(args.global_set, fingerprint)
     layerwise, _ = load_tensors(args.layerwise_set, fingerprint)
     (label, (sub, _)), = subspaces(layerwise, base.config.num_hidden_layers, [args.rank]).items()

@@ -9,12 +9,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import paths
 from ..artifacts import load_tensors, save_tensors, write_csv, write_json
-from ..cayley import orthonormalize
 from ..config import select_variant
 from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations
 from ..models import load_model, model_fingerprint
-from ..subspace import ApproxSpec, approximate_set, rotation_digest, summarize
+from ..subspace import ApproxSpec, approximate_rotations, rotation_digest, summarize
 from ..tracking import stage_run
 
 
@@ -31,9 +30,8 @@ def run(cfg: DictConfig) -> None:
         raise PipelineError(f"approx.rank={spec.rank} exceeds the hidden size {dims.hidden_size} of {cfg.model.name}")
     rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
-    bases = {k: orthonormalize(v.to(torch.float64)) for k, v in rotations.items() if not k.startswith("R2.")}
     with stage_run(cfg, "approximate", name):
-        tensors, rows = approximate_set(bases, dims.num_hidden_layers, spec)
+        tensors, rows = approximate_rotations(rotations, dims.num_hidden_layers, spec)
         summary = summarize(rows)
         meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
                 "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True))}
@@ -42,5 +40,5 @@ def run(cfg: DictConfig) -> None:
         write_csv(csv_path, rows)
         write_json(csv_path.with_suffix(".json"), {"rank": spec.label, **summary})
         mlflow.log_params({"approx_rank": spec.label, "approx_energy": spec.energy})
-        mlflow.log_metrics(summary)
+        mlflow.log_metrics({k: v for k, v in summary.items() if v is not None})
         mlflow.log_artifact(str(csv_path))
