@@ -53,3 +53,13 @@ def act_stats(cfg: DictConfig, name: str) -> Path:
 
 def eval_metrics(cfg: DictConfig, name: str) -> Path:
     return metrics(cfg) / "eval" / f"{name}.json"
+
+
+def rank_sweep(cfg: DictConfig, name: str) -> Path:
+    """WikiText-2 ppl of a low-rank variant at each ``rank_sweep.ranks`` value (csv)."""
+    return metrics(cfg) / "rank_sweep" / f"{name}.csv"
+
+
+def report_table(cfg: DictConfig) -> Path:
+    """One row per compared variant: ppl and zero-shot accuracies (csv, DVC's per-method plots)."""
+    return metrics(cfg) / "report" / "methods.csv"

@@ -2,9 +2,16 @@
 
 Tracking URI: ``mlflow.tracking_uri`` if set, else env ``MLFLOW_TRACKING_URI``, else a sqlite DB
 ``mlflow.db`` in the repo root (``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
+
+Every run is tagged ``stage``, ``variant``, ``method``, ``model``, ``quant``, ``weights``,
+``git_commit`` and ``pipeline_run``: env ``RSQ_PIPELINE_RUN`` if set, else
+``<commit[:8]>[+dirty]-<digest of the settings all stages of one dvc repro share>``, so the stages of
+one ``dvc repro`` carry one id and the UI can group and compare them by it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from contextlib import contextmanager
@@ -13,7 +20,6 @@ from typing import Iterator
 from omegaconf import DictConfig, OmegaConf
 
 from .config import REPO_ROOT
-
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, str]:
@@ -27,9 +33,36 @@ def _flatten(node: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _git(*args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
 def _git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+# Settings every stage of one `dvc repro` composes identically (stages differ only in variant and
+# rotation_stage; their `variants` holds every method); hand runs (no `variants`) add their method/quant/approx.
+_SHARED = ("model", "data", "train", "calib", "eval", "seed", "variants", "paths")
+_HAND_RUN = ("method", "quant", "approx")
+_CODE = ("pipeline", "stages", "conf", "dvc.yaml")
+
+
+def pipeline_run_id(cfg: DictConfig, commit: str) -> str:
+    """The tag that groups the stage runs of one pipeline run (module doc)."""
+    if os.environ.get("RSQ_PIPELINE_RUN"):
+        return os.environ["RSQ_PIPELINE_RUN"]
+    keys = _SHARED + (() if "variants" in cfg else _HAND_RUN)
+    shared = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+              for k in keys if k in cfg}
+    digest = hashlib.sha256(json.dumps(shared, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    # code only: dvc.lock and metrics/ change while a dvc repro runs
+    dirty = "+dirty" if _git("status", "--porcelain", "--untracked-files=no", "--", *_CODE) else ""
+    return f"{commit[:8]}{dirty}-{digest}"
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -48,16 +81,19 @@ def stage_run(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(cfg.get("mlflow", {}).get("experiment") or "respinquant")
     container = OmegaConf.to_container(cfg, resolve=True)
+    commit = _git_commit()
     tags = {
         "stage": stage,
         "variant": name or "",
         "model": str(cfg.model.name),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "pipeline_run": pipeline_run_id(cfg, commit),
     }
     if "method" in cfg:
         tags["method"] = str(cfg.method.name)
     if "quant" in cfg:
         tags["quant"] = str(cfg.quant.name)
+        tags["weights"] = str(cfg.quant.get("weight_method", "rtn"))
     with mlflow.start_run(run_name=f"{stage}/{name}" if name else stage, tags=tags) as run:
         mlflow.log_params(_flatten(container))
         yield run

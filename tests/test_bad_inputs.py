@@ -186,3 +186,23 @@ def test_subspace_for_other_rotations_or_model_refused_by_fuse(tmp_path):
     save_tensors(sub, tensors, {**meta, "fingerprint": "ffff", "model": "another"})
     _one_line_error(_stage(tmp_path, "fuse.py", *RESPIN, "approx.rank=4"), "was made for model another")
     assert not (tmp_path / "a" / "fused").exists()
+
+
+def test_rank_sweep_needs_a_low_rank_method(tmp_path):
+    _one_line_error(_stage(tmp_path, "rank_sweep.py", "+model=tiny_llama", "method=layerwise"),
+                    "rank_sweep needs a low-rank (respinquant) variant; layerwise_w4a4kv4 uses method layerwise")
+
+
+def test_rank_sweep_refuses_a_rank_above_hidden_before_fusing(tmp_path):
+    _tiny_per_layer_set(tmp_path)
+    _one_line_error(_stage(tmp_path, "rank_sweep.py", *RESPIN, "eval.seqlen=128", "rank_sweep.ranks=[0,193]"),
+                    "rank_sweep.ranks: 193 exceeds the hidden size 192")
+    assert not (tmp_path / "m" / "rank_sweep").exists()
+
+
+def test_report_without_eval_metrics_is_one_line(tmp_path):
+    _one_line_error(_stage(tmp_path, "report.py", "-cd", str(ROOT), "-cn", "params"),
+                    "eval/fp16.json is missing: run the eval stage of variant fp16 first")
+    _one_line_error(_stage(tmp_path, "report.py", "+model=tiny_llama"),
+                    "report compares the variants of conf/pipeline.yaml")
+    assert not (tmp_path / "results.md").exists()

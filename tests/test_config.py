@@ -23,10 +23,10 @@ def test_dvc_hydra_integration_configured():
 
 def test_variant_selects_method_and_quant():
     cfg = compose_pipeline()
-    cfg.variant = "quarot_w16a4kv4"
+    cfg.variant = "fp16"
     name, chosen = select_variant(cfg)
-    assert name == "quarot_w16a4kv4"
-    assert chosen.method.name == "quarot" and chosen.quant.w_bits == 16 and chosen.quant.a_bits == 4
+    assert name == "fp16"
+    assert chosen.method.name == "rtn" and chosen.quant.w_bits == 16 and chosen.quant.a_bits == 16
     assert cfg.quant.w_bits == 4  # the input config is not mutated
 
 
@@ -55,6 +55,7 @@ def test_stage_lists_match_variants():
                  if v[k].method.per_layer and v[k].method.transition == "dense"}
     assert dict(cfg.layerwise_variants) == layerwise
     assert dict(cfg.approx_variants) == {k: v[k].layerwise_from for k in v if v[k].method.transition == "low_rank"}
+    assert cfg.rank_sweep.source == cfg.approx_variants[cfg.rank_sweep.variant]  # its DVC dependency
     for name in v:  # every shared source is accepted by the run-time check
         cfg.variant = name
         assert select_variant(cfg)[0] == name

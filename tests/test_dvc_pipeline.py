@@ -1,4 +1,5 @@
-"""A tiny `dvc repro` of the whole pipeline on tiny_llama, in a temp copy of the repo."""
+"""A tiny `dvc repro` of the whole pipeline on tiny_llama, in a temp copy of the repo, logging to a
+real ``mlflow server``; the runs are read back through the REST API and by notebooks/compare.ipynb."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,14 @@ import yaml
 from conftest import ROOT
 from pipeline.config import write_params
 
-COPY = ["pipeline", "stages", "conf", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+from mlflow_server import mlflow_server, search_runs
+
+COPY = ["pipeline", "stages", "conf", "notebooks", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
 TINY = ["model=tiny_llama", "train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2",
-        "train.checkpoint_every=1", "calib.stats_windows=2", "eval.seqlen=128", "eval.max_windows=2"]
+        "train.checkpoint_every=1", "calib.stats_windows=2", "eval.seqlen=128", "eval.max_windows=2",
+        "eval.limit=2", "eval.tasks=[arc_easy,piqa,hellaswag]", "rank_sweep.ranks=[0,full]",
+        "rank_sweep.max_windows=1"]
+GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -30,20 +36,43 @@ def test_dvc_repro_tiny(tmp_path):
         src, dst = ROOT / rel, repo / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
         else:
             shutil.copy2(src, dst)
     write_params(repo / "params.yaml", TINY)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}", "PYTHONPATH": str(repo)}
-    _run(["git", "init", "-q"], repo, env)
-    _run(["dvc", "repro"], repo, env)
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    with mlflow_server(server_dir) as url:
+        env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(repo)}
+        env.pop("RSQ_PIPELINE_RUN", None)
+        _run(["git", "init", "-q"], repo, env)
+        _run(["git", "add", "-A"], repo, env)
+        _run(["git", "commit", "-q", "-m", "tiny"], repo, env)
+        commit = _run(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
+        first = _run(["dvc", "repro"], repo, env)
+        assert "skipping hellaswag" in first.stdout + first.stderr  # no file, offline: one line, not an error
+        _check_outputs(repo)
 
+        second = _run(["dvc", "repro"], repo, env)
+        assert "didn't change, skipping" in second.stdout or "is cached" in second.stdout
+        assert "Running stage" not in second.stdout
+        shown = _run(["dvc", "metrics", "show", "--json"], repo, env).stdout
+        assert "wikitext2_ppl" in shown and "zeroshot_avg" in shown
+
+        runs = search_runs(url, "respinquant")
+        _check_runs(repo, runs, commit)
+        _run_notebook(repo, url)
+
+
+def _check_outputs(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for variant in params["variants"]:
         result = json.loads((repo / "metrics" / "eval" / f"{variant}.json").read_text())
         assert result["wikitext2_windows"] == 2 and result["wikitext2_seqlen"] == 128
         assert 1.0 < result["wikitext2_ppl"] < 1e6
+        assert result["zeroshot_tasks"] == ["arc_easy", "piqa"] and result["zeroshot_skipped"] == ["hellaswag"]
+        assert result["zeroshot_limit"] == 2 and 0 <= result["zeroshot_avg"] <= 1
         assert (repo / "artifacts" / "fused" / variant / "model.safetensors").is_file()
     approx = json.loads((repo / "metrics" / "approx" / "respinquant.json").read_text())
     assert approx["rank"] == "32" and approx["approx_mean_rank"] == 32 and approx["approx_max_orth_error"] < 1e-12
@@ -55,18 +84,54 @@ def test_dvc_repro_tiny(tmp_path):
     fp = json.loads((repo / "metrics" / "eval" / "fp16.json").read_text())["wikitext2_ppl"]
     rtn = json.loads((repo / "metrics" / "eval" / "rtn.json").read_text())["wikitext2_ppl"]
     assert fp != rtn  # quantization really happened
+    sweep = (repo / "metrics" / "rank_sweep" / "respinquant.csv").read_text().splitlines()
+    assert sweep[0].startswith("rank,mean_rank") and [line.split(",")[0] for line in sweep[1:]] == ["0", "full"]
+    results = (repo / "results.md").read_text()
+    for variant in params["variants"]:
+        assert f"| {variant} |" in results
+    assert "zero-shot avg" in results and "against the subspace rank" in results
+    table = (repo / "metrics" / "report" / "methods.csv").read_text().splitlines()
+    assert table[0] == "variant,method,quant,weights,wikitext2_ppl,arc_easy,piqa,zeroshot_avg"
+    assert len(table) == 1 + len(params["variants"])
 
-    second = _run(["dvc", "repro"], repo, env)
-    assert "didn't change, skipping" in second.stdout or "is cached" in second.stdout
-    assert "Running stage" not in second.stdout
-    shown = _run(["dvc", "metrics", "show", "--json"], repo, env).stdout
-    assert "wikitext2_ppl" in shown
 
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["respinquant"])
-    stages = sorted(runs["tags.stage"].tolist())
+def _check_runs(repo: Path, runs: list[dict], commit: str) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    stages = sorted(r["tags"]["stage"] for r in runs)
     assert stages.count("calibrate") == 1 and stages.count("eval") == len(params["variants"])
-    assert stages.count("rotate_global") == len(params["global_variants"]) and stages.count("approximate") == len(params["approx_variants"])
-    assert "params.model.name" in runs.columns and "metrics.wikitext2_ppl" in runs.columns
+    assert stages.count("rotate_global") == len(params["global_variants"])
+    assert stages.count("approximate") == len(params["approx_variants"])
+    assert stages.count("rank_sweep") == 1 and stages.count("report") == 1
+    assert {r["tags"]["pipeline_run"] for r in runs} == {r["tags"]["pipeline_run"] for r in runs[:1]}
+    assert runs[0]["tags"]["pipeline_run"].startswith(commit[:8] + "-")
+    for run in runs:
+        assert run["tags"]["git_commit"] == commit and run["tags"]["model"] == "tiny_llama"
+        if run["tags"]["stage"] not in ("calibrate", "report"):
+            assert run["tags"]["method"] and run["tags"]["quant"] and run["tags"]["variant"]
+    evals = {r["tags"]["variant"]: r for r in runs if r["tags"]["stage"] == "eval"}
+    assert set(evals) == set(params["variants"])
+    assert evals["respinquant_gptq"]["tags"]["weights"] == "gptq" and evals["quarot"]["tags"]["quant"] == "w4a4kv4"
+    for run in evals.values():
+        assert {"wikitext2_ppl", "zeroshot_avg", "arc_easy", "piqa"} <= set(run["metrics"])
+        assert run["params"]["model.name"] == "tiny_llama"
+
+
+def _run_notebook(repo: Path, url: str) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = repo / "notebooks" / "compare.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MPLBACKEND")}
+    os.environ.update({"MLFLOW_TRACKING_URI": url, "MPLBACKEND": "Agg"})
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    text = "\n".join(str(o.get("data", o.get("text", ""))) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for variant in params["variants"]:
+        assert variant in text
+    assert "zeroshot_avg" in text and "wikitext2_ppl" in text and "mean_rank" in text

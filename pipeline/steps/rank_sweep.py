@@ -1,0 +1,62 @@
+"""rank_sweep: WikiText-2 ppl of a ReSpinQuant variant against the subspace rank r (the ppl-vs-rank plot).
+
+For each ``rank_sweep.ranks`` value the variant's per-layer set is approximated at that rank, fused in
+memory with the variant's method and quant (no checkpoint written) and evaluated on the first
+``rank_sweep.max_windows`` WikiText-2 test windows of ``eval.seqlen`` tokens.
+"""
+from __future__ import annotations
+
+import time
+
+import mlflow
+import torch
+from omegaconf import DictConfig
+
+from .. import paths
+from ..artifacts import load_tensors, write_csv
+from ..config import select_variant
+from ..data import check_seqlen, wikitext2_windows
+from ..errors import PipelineError
+from ..methods import MethodSpec, check_rotations, prepare_model, quant_spec
+from ..models import load_model, max_positions, model_fingerprint
+from ..perplexity import perplexity
+from ..subspace import ApproxSpec, approximate_rotations, summarize
+from ..tracking import stage_run
+
+
+def run(cfg: DictConfig) -> None:
+    name, cfg = select_variant(cfg)
+    method, quant = MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant)
+    if method.transition != "low_rank":
+        raise PipelineError(f"rank_sweep needs a low-rank (respinquant) variant; {name} uses method {method.name}")
+    specs = [ApproxSpec.from_cfg({"rank": r, "energy": cfg.approx.energy}) for r in cfg.rank_sweep.ranks]
+    if not specs:
+        raise PipelineError("rank_sweep.ranks is empty")
+    model, tok = load_model(cfg.model)
+    check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
+    fingerprint = model_fingerprint(model)
+    n_layers = model.config.num_hidden_layers
+    rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
+    check_rotations(rotations, method, model)
+    for spec in specs:  # refuse a bad rank before the first (minutes-long) fuse
+        if isinstance(spec.rank, int) and spec.rank > model.config.hidden_size:
+            raise PipelineError(f"rank_sweep.ranks: {spec.rank} exceeds the hidden size {model.config.hidden_size}")
+    del model
+    windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.rank_sweep.max_windows)
+    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"] if quant.weight_method == "gptq" else None
+    rows = []
+    with stage_run(cfg, "rank_sweep", name):
+        for spec in specs:
+            start = time.perf_counter()
+            tensors, transition_rows = approximate_rotations(rotations, n_layers, spec, progress=False)
+            summary = summarize(transition_rows)
+            fresh, _ = load_model(cfg.model)
+            prepare_model(fresh, method, rotations, quant, {k: v.to(torch.float32) for k, v in tensors.items()}, calib)
+            ppl = perplexity(fresh, windows, desc=f"{name} r={spec.label}")["ppl"]
+            rows.append({"rank": spec.label, "mean_rank": summary["approx_mean_rank"],
+                         "mean_energy": summary["approx_mean_energy"],
+                         "mean_rel_error": summary["approx_mean_rel_error"], "wikitext2_ppl": ppl,
+                         "windows": windows.shape[0], "seconds": round(time.perf_counter() - start, 1)})
+            mlflow.log_metric("rank_sweep_ppl", ppl, step=int(round(summary["approx_mean_rank"])))
+        write_csv(paths.rank_sweep(cfg, name), rows)
+        mlflow.log_artifact(str(paths.rank_sweep(cfg, name)))
