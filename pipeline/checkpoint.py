@@ -106,10 +106,19 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_quantized(folder: str | Path) -> nn.Module:
-    """The runnable HF model saved by ``save_quantized`` (eval mode, online ops attached)."""
+BACKENDS = ("fake", "kernel")
+
+
+def load_quantized(folder: str | Path, backend: str = "fake") -> nn.Module:
+    """The runnable HF model saved by ``save_quantized`` (eval mode, online ops attached).
+
+    ``backend``: ``fake`` (float fake quantization, any bit setting) or ``kernel`` (W4A4 only: every
+    quantized linear runs on the integer kernels as a ``linear4bit.Linear4bit``).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if backend not in BACKENDS:
+        raise PipelineError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
     folder = Path(folder)
     config = _read_config(folder)
     try:
@@ -151,6 +160,13 @@ def load_quantized(folder: str | Path) -> nn.Module:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise PipelineError(f"{folder}/{WEIGHTS} does not fit its config ({str(exc).splitlines()[0][:200]})") from None
+    if backend == "kernel":
+        if (quant.w_bits, quant.a_bits) != (4, 4) or quant.w_group_size:
+            raise PipelineError(f"backend=kernel runs W4A4 with per-channel weight scales; {folder} is "
+                                f"W{quant.w_bits}A{quant.a_bits} (group size {quant.w_group_size})")
+        from .linear4bit import use_kernels
+
+        use_kernels(model)
     model.eval()
     return model
 

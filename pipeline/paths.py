@@ -63,3 +63,8 @@ def rank_sweep(cfg: DictConfig, name: str) -> Path:
 def report_table(cfg: DictConfig) -> Path:
     """One row per compared variant: ppl and zero-shot accuracies (csv, DVC's per-method plots)."""
     return metrics(cfg) / "report" / "methods.csv"
+
+
+def bench_metrics(cfg: DictConfig) -> Path:
+    """The kernel benchmark's rows (device, op, model, shape, M, ms, speedup)."""
+    return metrics(cfg) / "bench.json"

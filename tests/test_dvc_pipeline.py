@@ -16,11 +16,12 @@ from pipeline.config import write_params
 
 from mlflow_server import mlflow_server, search_runs
 
-COPY = ["pipeline", "stages", "conf", "notebooks", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+COPY = ["pipeline", "stages", "conf", "notebooks", "cuda_ext", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
 TINY = ["model=tiny_llama", "train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2",
         "train.checkpoint_every=1", "calib.stats_windows=2", "eval.seqlen=128", "eval.max_windows=2",
         "eval.limit=2", "eval.tasks=[arc_easy,piqa,hellaswag]", "rank_sweep.ranks=[0,full]",
-        "rank_sweep.max_windows=1"]
+        "rank_sweep.max_windows=1", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
+        "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8"]
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
@@ -59,6 +60,10 @@ def test_dvc_repro_tiny(tmp_path):
         assert "Running stage" not in second.stdout
         shown = _run(["dvc", "metrics", "show", "--json"], repo, env).stdout
         assert "wikitext2_ppl" in shown and "zeroshot_avg" in shown
+        plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo, env).stdout)
+        assert not plots.get("errors"), plots["errors"]  # every plot's files exist and parse
+        for plot in ("ppl_per_method", "zeroshot_per_method", "ppl_vs_rank", "train_loss", "outliers_kurtosis"):
+            assert plots["data"][plot], plot
 
         runs = search_runs(url, "respinquant")
         _check_runs(repo, runs, commit)
@@ -90,6 +95,8 @@ def _check_outputs(repo: Path) -> None:
     for variant in params["variants"]:
         assert f"| {variant} |" in results
     assert "zero-shot avg" in results and "against the subspace rank" in results
+    bench = json.loads((repo / "metrics" / "bench.json").read_text())
+    assert bench["backend"] == "cpu" and {r["op"] for r in bench["rows"]} >= {"linear_w4a4", "decoder_layer_w4a4"}
     table = (repo / "metrics" / "report" / "methods.csv").read_text().splitlines()
     assert table[0] == "variant,method,quant,weights,wikitext2_ppl,arc_easy,piqa,zeroshot_avg"
     assert len(table) == 1 + len(params["variants"])
@@ -101,12 +108,12 @@ def _check_runs(repo: Path, runs: list[dict], commit: str) -> None:
     assert stages.count("calibrate") == 1 and stages.count("eval") == len(params["variants"])
     assert stages.count("rotate_global") == len(params["global_variants"])
     assert stages.count("approximate") == len(params["approx_variants"])
-    assert stages.count("rank_sweep") == 1 and stages.count("report") == 1
+    assert stages.count("rank_sweep") == 1 and stages.count("report") == 1 and stages.count("bench") == 1
     assert {r["tags"]["pipeline_run"] for r in runs} == {r["tags"]["pipeline_run"] for r in runs[:1]}
     assert runs[0]["tags"]["pipeline_run"].startswith(commit[:8] + "-")
     for run in runs:
         assert run["tags"]["git_commit"] == commit and run["tags"]["model"] == "tiny_llama"
-        if run["tags"]["stage"] not in ("calibrate", "report"):
+        if run["tags"]["stage"] not in ("calibrate", "report", "bench"):
             assert run["tags"]["method"] and run["tags"]["quant"] and run["tags"]["variant"]
     evals = {r["tags"]["variant"]: r for r in runs if r["tags"]["stage"] == "eval"}
     assert set(evals) == set(params["variants"])

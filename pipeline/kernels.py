@@ -1,0 +1,101 @@
+"""The W4A4 ops: the C++ CPU extension in ``cuda_ext/cpu`` (built on first use, cached), and the
+pure-torch references every kernel is tested against.
+
+Layout (DESIGN §3): int4 two's complement, two per byte, K-contiguous for both operands (activations
+``(M, K)`` -> uint8 ``(M, K/2)``, weights ``(N, K)`` -> uint8 ``(N, K/2)``), low nibble = even k;
+K a multiple of 32. Activation codes are per-token asymmetric (the fake quantizer's grid shifted to
+-8..7), weight codes symmetric per output channel, so
+
+    y[m, n] = a_scale[m] * w_scale[n] * (sum_k a[m, k] w[n, k] - a_zero[m] * w_sum[n])
+
+with the sum exact in int32 and ``w_sum[n] = sum_k w[n, k]`` precomputed.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import PipelineError
+
+CPU_SOURCES = [Path(__file__).resolve().parents[1] / "cuda_ext" / "cpu" / "w4a4_cpu.cpp"]
+ALIGN = 32
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_ops():
+    """The compiled CPU extension (``torch.utils.cpp_extension.load``; cached under
+    ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, rebuilt when the source changes)."""
+    from torch.utils.cpp_extension import load
+
+    missing = [str(p) for p in CPU_SOURCES if not p.is_file()]
+    if missing:
+        raise PipelineError(f"the CPU kernels' sources are missing: {', '.join(missing)}")
+    try:
+        return load(name="rsq_w4a4_cpu", sources=[str(p) for p in CPU_SOURCES],
+                    extra_cflags=["-O3", "-march=native"], verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
+    except (RuntimeError, OSError) as exc:
+        raise PipelineError(f"building the CPU kernels failed (a C++ compiler is needed): {str(exc).splitlines()[0]}") from None
+
+
+def check_k(k: int, what: str) -> None:
+    """One clear line for a K the int4 layout cannot hold."""
+    if k <= 0 or k % ALIGN:
+        raise PipelineError(f"{what}: K={k} must be a positive multiple of {ALIGN} (int4 layout)")
+
+
+# ---- pure-torch references (the specification) ------------------------------------------------
+
+def reference_pack(codes: torch.Tensor) -> torch.Tensor:
+    """int8 ``(R, K)`` in [-8, 7] -> uint8 ``(R, K/2)``."""
+    c = codes.to(torch.int16) & 0xF
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
+
+
+def reference_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``(R, K/2)`` -> int8 ``(R, K)``."""
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, p >> 4
+    out = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)
+    return torch.where(out >= 8, out - 16, out).to(torch.int8)
+
+
+def reference_quantize_act(x: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fake quantizer's arithmetic (``quantizers.quantize_asym``, 4 bits) on ``x (M, K)``:
+    codes ``q - 8`` int8 ``(M, K)``, scale float32 ``(M,)``, zero ``- 8`` int32 ``(M,)``."""
+    xf = x.float()
+    xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0) * clip_ratio
+    xmax = xf.amax(dim=-1, keepdim=True).clamp(min=0) * clip_ratio
+    scale = ((xmax - xmin) / 15).clamp(min=1e-8)
+    zero = torch.round(-xmin / scale)
+    q = torch.clamp(torch.round(xf / scale) + zero, 0, 15)
+    return (q - 8).to(torch.int8), scale[:, 0], (zero[:, 0] - 8).to(torch.int32)
+
+
+def reference_gemm_int4(a_codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    """int32 ``(M, N)`` = ``a (M, K) @ w (N, K).T``, exact (int64 matmul)."""
+    return (a_codes.to(torch.int64) @ w_codes.to(torch.int64).T).to(torch.int32)
+
+
+def reference_gemm_w4a4(a_codes, a_scale, a_zero, w_codes, w_scale) -> torch.Tensor:
+    """float64 ``(M, N)`` = ``(a_scale (a - a_zero)) @ (w_scale w).T``: the exact dequantized product."""
+    a = (a_codes.double() - a_zero.double()[:, None]) * a_scale.double()[:, None]
+    w = w_codes.double() * w_scale.double()[:, None]
+    return a @ w.T
+
+
+def reference_transition(h: torch.Tensor, Q: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``h + ((h @ Q) @ M) @ Q.T`` in float64."""
+    h64 = h.double()
+    return h64 + ((h64 @ Q.double()) @ M.double()) @ Q.double().T
+
+
+def hadamard_base(n: int) -> torch.Tensor:
+    """The ``(m, m)`` float32 base factor of ``H_n = kron(base, Sylvester(n / m))`` (``m = 1`` for a
+    power of two); raises NoHadamardConstruction when n has none."""
+    from .hadamard import _base, _require_split
+
+    m, _ = _require_split(n)
+    return _base(m).to(torch.float32).contiguous()

@@ -1,0 +1,55 @@
+"""bench: W4A4 kernel speed against the float matmul, the fused transition against a residual add,
+and a whole decoder layer (``pipeline/bench.py``), for the configured model's shapes and
+Llama-3-8B's. It runs the C++ CPU path (the CUDA kernels are timed by hand on a GPU host, see
+cuda_ext/cuda/README.md) and says so in every row's ``device`` and in ``backend``."""
+from __future__ import annotations
+
+import mlflow
+from omegaconf import DictConfig
+
+from .. import paths
+from ..adapters import adapter_for
+from ..artifacts import write_json
+from ..bench import LLAMA3_8B, Timing, bench_layer, bench_linear, bench_transition, device_name, linear_shapes
+from ..errors import PipelineError
+from ..kernels import cpu_ops
+from ..models import load_model
+from ..tracking import stage_run
+
+
+def _positive_ints(values, what: str) -> list[int]:
+    out = list(values or [])
+    if not out or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in out):
+        raise PipelineError(f"{what}={out}: give a non-empty list of positive integers")
+    return out
+
+
+def run(cfg: DictConfig) -> None:
+    b = cfg.bench
+    ms, layer_ms = _positive_ints(b.m, "bench.m"), _positive_ints(b.layer_m, "bench.layer_m")
+    rank = int(b.transition_rank)
+    timing = Timing(warmup=int(b.warmup), min_runs=int(b.min_runs), max_seconds=float(b.max_seconds))
+    if timing.min_runs < 1 or timing.warmup < 0:
+        raise PipelineError(f"bench.min_runs={timing.min_runs} / bench.warmup={timing.warmup}: need >= 1 / >= 0")
+    model, _ = load_model(cfg.model)
+    dims = adapter_for(model).dims(model)
+    if not 1 <= rank <= dims.hidden:
+        raise PipelineError(f"bench.transition_rank={rank}: must be in 1..{dims.hidden}")
+    cpu_ops()  # build before any timing
+    shapes = {cfg.model.name: dims, **({"llama3_8b": LLAMA3_8B} if b.llama3_8b else {})}
+    rows: list[dict] = []
+    with stage_run(cfg, "bench"):
+        for name, d in shapes.items():
+            for op, (k, n) in linear_shapes(d).items():
+                rows += bench_linear(op, k, n, ms, timing, name)
+            rows += bench_transition(d.hidden, rank, ms, timing, name)
+        rows += bench_layer(model, layer_ms, timing, cfg.model.name)
+        result = {"device": device_name(), "backend": "cpu",
+                  "note": "CPU path (C++ reference kernels); speedup = float32 matmul (or plain add) ms / op ms",
+                  "rows": rows}
+        write_json(paths.bench_metrics(cfg), result)
+        for row in rows:
+            if row["op"] in ("linear_w4a4", "decoder_layer_w4a4") or row["op"].startswith("residual_add_transition"):
+                key = f"{row['model']}.{row['op']}.{row['shape'].split()[0]}.M{row['M']}".replace("=", "")
+                mlflow.log_metric(f"speedup.{key}", row["speedup"])
+        mlflow.log_artifact(str(paths.bench_metrics(cfg)))

@@ -1,0 +1,33 @@
+"""The bench stage on a tiny model: every row carries device, op, shape, M, ms and speedup."""
+from __future__ import annotations
+
+import json
+
+from test_bad_inputs import _one_line_error, _stage
+
+TINY = ("+model=tiny_llama", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
+        "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8")
+
+
+def test_bench_stage_writes_every_row(tmp_path):
+    proc = _stage(tmp_path, "bench.py", *TINY)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "m" / "bench.json").read_text())
+    assert result["backend"] == "cpu" and result["device"].startswith("cpu")
+    rows = result["rows"]
+    ops = {r["op"] for r in rows}
+    assert ops == {"linear_fp32", "linear_w4a4", "residual_add", "residual_add_transition_r8",
+                   "decoder_layer_fp32", "decoder_layer_w4a4"}
+    shapes = {r["shape"] for r in rows if r["op"] == "linear_w4a4"}
+    assert shapes == {"qkv 192x320", "o 192x192", "gate_up 192x640", "down 320x192"}
+    assert {r["M"] for r in rows if r["op"] == "linear_w4a4"} == {1, 3}
+    for r in rows:
+        assert set(r) == {"device", "op", "model", "shape", "M", "ms", "speedup"} and r["ms"] > 0 and r["speedup"] > 0
+        if r["op"] in ("linear_fp32", "residual_add", "decoder_layer_fp32"):
+            assert r["speedup"] == 1.0
+
+
+def test_bench_bad_settings_are_one_line(tmp_path):
+    _one_line_error(_stage(tmp_path, "bench.py", *TINY, "bench.m=[0,4]"), "bench.m=[0, 4]: give a non-empty list of positive integers")
+    _one_line_error(_stage(tmp_path, "bench.py", *TINY, "bench.transition_rank=999"), "bench.transition_rank=999: must be in 1..192")
+    assert not (tmp_path / "m" / "bench.json").exists()

@@ -1,0 +1,120 @@
+"""The C++ CPU kernels against the pure-torch references, on fresh random inputs each run.
+
+Integer parts (packing, activation codes, int32 GEMM) must be bit-exact; float parts (epilogue,
+Hadamard, transition) within float32 rounding. Odd M and N, K multiples of 32; a layout violation
+is one clear error.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pipeline.hadamard import fast_hadamard_transform
+from pipeline.kernels import (cpu_ops, hadamard_base, reference_gemm_int4, reference_gemm_w4a4,
+                              reference_pack, reference_quantize_act, reference_transition,
+                              reference_unpack)
+from pipeline.quantizers import quantize_asym
+
+SEED = int.from_bytes(os.urandom(4), "little")
+SHAPES = [(1, 33, 32), (7, 5, 64), (17, 129, 96), (33, 31, 576)]  # (M, N, K)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    return cpu_ops()
+
+
+def _gen(offset: int) -> torch.Generator:
+    return torch.Generator().manual_seed(SEED + offset)
+
+
+def _codes(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(-8, 8, (rows, k), generator=gen, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_pack_unpack_bit_exact(ops, M, N, K):
+    codes = _codes(N, K, _gen(K + N))
+    packed = ops.pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (N, K // 2)
+    assert torch.equal(packed, reference_pack(codes)), f"seed {SEED}"
+    assert torch.equal(ops.unpack_int4(packed), codes), f"seed {SEED}"
+    assert torch.equal(reference_unpack(packed), codes)
+    assert int(packed[0, 0]) == (int(codes[0, 0]) & 0xF) | ((int(codes[0, 1]) & 0xF) << 4)  # low nibble = even k
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+def test_quantize_act_matches_the_fake_quantizer(ops, M, N, K, clip):
+    gen = _gen(M * K)
+    x = torch.randn(M, K, generator=gen) * torch.rand(M, 1, generator=gen) * 10
+    x[0, :3] = torch.tensor([0.0, 5.0, -5.0])
+    if M > 1:
+        x[1] = x[1].abs()  # all positive: xmin clamps to 0
+    packed, scale, zero = ops.quantize_act(x, clip)
+    codes, ref_scale, ref_zero = reference_quantize_act(x, clip)
+    assert torch.equal(ops.unpack_int4(packed), codes), f"seed {SEED}"
+    assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero), f"seed {SEED}"
+    deq = (codes.float() - zero[:, None].float()) * scale[:, None]
+    assert torch.equal(deq, quantize_asym(x, 4, clip)), f"seed {SEED}"  # the same grid as the model
+    half, _, _ = ops.quantize_act(x.half(), clip)  # fp16 input is computed in float32
+    assert torch.equal(half, ops.quantize_act(x.half().float(), clip)[0])
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int4_gemm_bit_exact_and_epilogue(ops, M, N, K):
+    gen = _gen(M + N + K)
+    a, w = _codes(M, K, gen), _codes(N, K, gen)
+    pa, pw = ops.pack_int4(a), ops.pack_int4(w)
+    acc = ops.gemm_int4(pa, pw)
+    assert acc.dtype == torch.int32 and torch.equal(acc, reference_gemm_int4(a, w)), f"seed {SEED}"
+    extreme = ops.gemm_int4(ops.pack_int4(torch.full((M, K), -8, dtype=torch.int8)),
+                            ops.pack_int4(torch.full((N, K), -8, dtype=torch.int8)))
+    assert torch.all(extreme == 64 * K)
+    a_scale = torch.rand(M, generator=gen) + 0.01
+    a_zero = torch.randint(-8, 8, (M,), generator=gen, dtype=torch.int32)
+    w_scale = torch.rand(N, generator=gen) + 0.01
+    w_sum = w.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    out = ops.gemm_w4a4(pa, a_scale, a_zero, pw, w_scale, w_sum)
+    ref = reference_gemm_w4a4(a, a_scale, a_zero, w, w_scale)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item(), msg=f"seed {SEED}")
+
+
+@pytest.mark.parametrize("n", [32, 64, 576, 1536, 2048])
+def test_hadamard_matches_the_fast_transform(ops, n):
+    x = torch.randn(9, n, generator=_gen(n))
+    y = ops.hadamard(x, hadamard_base(n))
+    torch.testing.assert_close(y, fast_hadamard_transform(x), rtol=1e-5, atol=1e-5, msg=f"seed {SEED}")
+    torch.testing.assert_close(y.double().norm(dim=1), x.double().norm(dim=1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("T,D,r", [(1, 64, 1), (13, 576, 32), (5, 192, 128)])
+def test_transition_fused_with_the_residual_add(ops, T, D, r):
+    gen = _gen(T * D + r)
+    h = torch.randn(T, D, generator=gen)
+    Q = torch.linalg.qr(torch.randn(D, r, generator=gen, dtype=torch.float64))[0].float()
+    M = (torch.randn(r, r, generator=gen) * 0.1)
+    out = ops.transition(h, Q, M)
+    torch.testing.assert_close(out.double(), reference_transition(h, Q, M), rtol=1e-5, atol=1e-5, msg=f"seed {SEED}")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda ops: ops.pack_int4(torch.zeros(3, 48, dtype=torch.int8)), "K=48 must be a positive multiple of 32"),
+    (lambda ops: ops.pack_int4(torch.full((1, 32), 9, dtype=torch.int8)), "codes must lie in [-8, 7]"),
+    (lambda ops: ops.pack_int4(torch.zeros(3, 32)), "codes must be Char"),
+    (lambda ops: ops.quantize_act(torch.zeros(3, 40), 1.0), "K=40 must be a positive multiple of 32"),
+    (lambda ops: ops.gemm_int4(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(3, 32, dtype=torch.uint8)),
+     "a has K=32 but w has K=64"),
+    (lambda ops: ops.gemm_w4a4(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(3), torch.zeros(2, dtype=torch.int32),
+                               torch.zeros(3, 16, dtype=torch.uint8), torch.zeros(3), torch.zeros(3, dtype=torch.int32)),
+     "a_scale must have shape (2)"),
+    (lambda ops: ops.hadamard(torch.zeros(2, 48), hadamard_base(32)), "n / m = 48 must be a power of two"),
+    (lambda ops: ops.transition(torch.zeros(2, 64), torch.zeros(64, 4), torch.zeros(3, 3)), "M must be (4, 4)"),
+])
+def test_bad_shapes_are_one_clear_error(ops, call, message):
+    with pytest.raises(RuntimeError) as info:
+        call(ops)
+    assert message in str(info.value).splitlines()[0]
