@@ -71,6 +71,17 @@ def load_tasks(data_cfg: DictConfig | dict, tasks: list[str]) -> tuple[dict[str,
     return loaded, skipped
 
 
+def check_request(tasks: list[str], limit: int | None, batch_size: int) -> None:
+    """Refuse (one line) unknown task names, a bad limit or batch size, before any model work."""
+    unknown = [t for t in tasks if t not in HEADLINE]
+    if unknown or not tasks:
+        raise PipelineError(f"unknown zero-shot task(s) {unknown or '(none given)'}; choose from {ALL_TASKS}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise PipelineError(f"zero-shot limit must be a positive integer or None (all items), got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PipelineError(f"zero-shot batch_size must be a positive integer, got {batch_size!r}")
+
+
 def evaluate_zeroshot(model: nn.Module, tokenizer, data_cfg: DictConfig | dict, tasks: list[str],
                       limit: int | None = None, batch_size: int = 8, seed: int = 0) -> dict:
     """Zero-shot accuracies of a causal LM (``model(ids).logits``: ``(batch, seq, vocab)``).
@@ -87,10 +98,7 @@ def evaluate_zeroshot(model: nn.Module, tokenizer, data_cfg: DictConfig | dict, 
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise PipelineError(f"zero-shot limit must be a positive integer or None (all items), got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise PipelineError(f"zero-shot batch_size must be a positive integer, got {batch_size!r}")
+    check_request(tasks, limit, batch_size)
     loaded, skipped = load_tasks(data_cfg, tasks)
     if not loaded:
         raise PipelineError(f"no zero-shot task could run (skipped: {', '.join(skipped)})")

@@ -206,3 +206,12 @@ def test_report_without_eval_metrics_is_one_line(tmp_path):
     _one_line_error(_stage(tmp_path, "report.py", "+model=tiny_llama"),
                     "report compares the variants of conf/pipeline.yaml")
     assert not (tmp_path / "results.md").exists()
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("eval.tasks=[arc_easy,nope]", "unknown zero-shot task(s) ['nope']"),
+    ("eval.limit=0", "zero-shot limit must be a positive integer or None (all items), got 0"),
+])
+def test_bad_zeroshot_settings_fail_before_any_model_work(tmp_path, override, expected):
+    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", override), expected)
+    assert not (tmp_path / "m").exists()

@@ -18,15 +18,17 @@ from ..data import check_seqlen, wikitext2_windows
 from ..models import max_positions
 from ..perplexity import perplexity
 from ..tracking import stage_run
-from ..zeroshot import evaluate_zeroshot
+from ..zeroshot import check_request, evaluate_zeroshot
 
 
 def run(cfg: DictConfig) -> None:
     name, cfg = select_variant(cfg)
+    tasks = list(cfg.eval.get("tasks") or [])
+    if tasks:  # a typo in the task list fails now, not after the perplexity pass
+        check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
     model, tok = load_quantized(paths.fused(cfg, name)), load_tokenizer(paths.fused(cfg, name))
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
     windows, digest = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.eval.max_windows)
-    tasks = list(cfg.eval.get("tasks") or [])
     with stage_run(cfg, "eval", name):
         result = perplexity(model, windows, desc=f"wikitext2 {name}")
         metrics = {"wikitext2_ppl": result["ppl"], "wikitext2_windows": windows.shape[0],
