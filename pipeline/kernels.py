@@ -35,9 +35,28 @@ def cpu_ops():
         raise PipelineError(f"the CPU kernels' sources are missing: {', '.join(missing)}")
     try:
         return load(name="rsq_w4a4_cpu", sources=[str(p) for p in CPU_SOURCES],
-                    extra_cflags=["-O3", "-march=native"], verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
+                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
     except (RuntimeError, OSError) as exc:
         raise PipelineError(f"building the CPU kernels failed (a C++ compiler is needed): {str(exc).splitlines()[0]}") from None
+
+
+CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda_ext" / "cuda"
+CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_ops():
+    """The CUDA extension (``cuda_ext/cuda``: every ``.cu`` plus ``torch_bindings.cpp``), built for
+    sm_80/86/89/90 where torch has CUDA; the GEMM picks the int4 (sm_8x) or int8 (sm_90) tensor-core
+    path by the device's compute capability. No ``--use_fast_math``: the quantizer needs IEEE division."""
+    if not torch.cuda.is_available():
+        raise PipelineError("the CUDA kernels need a CUDA build of torch and a GPU; use the CPU kernels (cpu_ops)")
+    from torch.utils.cpp_extension import load
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
+    sources = sorted(str(p) for p in CUDA_DIR.glob("*.cu")) + [str(CUDA_DIR / "torch_bindings.cpp")]
+    return load(name="rsq_w4a4_cuda", sources=sources, extra_cflags=["-O3"],
+                extra_cuda_cflags=["-O3", "-std=c++17"], verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
 
 
 def check_k(k: int, what: str) -> None:

@@ -118,3 +118,12 @@ def test_bad_shapes_are_one_clear_error(ops, call, message):
     with pytest.raises(RuntimeError) as info:
         call(ops)
     assert message in str(info.value).splitlines()[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA host builds the CUDA kernels instead")
+def test_cuda_ops_refused_in_one_line_without_cuda():
+    from pipeline.errors import PipelineError
+    from pipeline.kernels import cuda_ops
+
+    with pytest.raises(PipelineError, match="the CUDA kernels need a CUDA build of torch and a GPU"):
+        cuda_ops()
