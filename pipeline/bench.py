@@ -21,6 +21,7 @@ from torch import nn
 from .adapters import Dims, adapter_for, get_linear, set_module
 from .kernels import cpu_ops
 from .linear4bit import Linear4bit
+from .weight_quant import dequantize, rtn
 
 # Llama-3-8B's decoder sizes (the shapes papers report kernel speed on).
 LLAMA3_8B = Dims(hidden=4096, intermediate=14336, n_heads=32, n_kv_heads=8, head_dim=128, n_layers=32, vocab=128256)
@@ -111,10 +112,9 @@ def quantized_layer(layer: nn.Module, adapter) -> nn.Module:
     layer = copy.deepcopy(layer)
     for name in adapter.layer_linear_names():
         linear = get_linear(layer, name)
-        w = linear.weight.detach()
-        scale = (w.abs().amax(dim=1) / 7).clamp(min=1e-8)
+        codes, scale = rtn(linear.weight.detach(), 4, mse_clip=False)
         with torch.no_grad():
-            linear.weight.copy_(torch.clamp(torch.round(w / scale[:, None]), -8, 7) * scale[:, None])
+            linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
         set_module(layer, name, Linear4bit.from_float(linear, scale, rotate_input=name == adapter.MLP_WRITER))
     return layer
 

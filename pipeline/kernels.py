@@ -66,20 +66,7 @@ def check_k(k: int, what: str) -> None:
 
 
 # ---- pure-torch references (the specification) ------------------------------------------------
-
-def reference_pack(codes: torch.Tensor) -> torch.Tensor:
-    """int8 ``(R, K)`` in [-8, 7] -> uint8 ``(R, K/2)``."""
-    c = codes.to(torch.int16) & 0xF
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).to(torch.uint8)
-
-
-def reference_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(R, K/2)`` -> int8 ``(R, K)``."""
-    p = packed.to(torch.int16)
-    lo, hi = p & 0xF, p >> 4
-    out = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)
-    return torch.where(out >= 8, out - 16, out).to(torch.int8)
-
+# Packing: the checkpoint's own ``weight_quant.pack`` / ``unpack`` (bits=4) are the reference.
 
 def reference_quantize_act(x: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fake quantizer's arithmetic (``quantizers.quantize_asym``, 4 bits) on ``x (M, K)``:
