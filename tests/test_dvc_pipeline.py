@@ -117,7 +117,7 @@ def _check_runs(repo: Path, runs: list[dict], commit: str) -> None:
             assert run["tags"]["method"] and run["tags"]["quant"] and run["tags"]["variant"]
     evals = {r["tags"]["variant"]: r for r in runs if r["tags"]["stage"] == "eval"}
     assert set(evals) == set(params["variants"])
-    assert evals["respinquant_gptq"]["tags"]["weights"] == "gptq" and evals["quarot"]["tags"]["quant"] == "w4a4kv4"
+    assert evals["respinquant"]["tags"]["weights"] == "rtn" and evals["quarot"]["tags"]["quant"] == "w4a4kv4"
     for run in evals.values():
         assert {"wikitext2_ppl", "zeroshot_avg", "arc_easy", "piqa"} <= set(run["metrics"])
         assert run["params"]["model.name"] == "tiny_llama"
