@@ -45,10 +45,20 @@ def test_every_quant_preset_is_valid():
         assert path.stem == f"w{spec.w_bits}a{spec.a_bits}" + ("" if spec.kv_bits == 16 else f"kv{spec.kv_bits}")
 
 
-def test_stage_lists_match_variants():
+# conf/pipeline.yaml's recipe (README "What runs") for adding the GPTQ ReSpinQuant variant to dvc repro
+ADD_GPTQ_VARIANT = ["+method@variants.respinquant_gptq.method=respinquant",
+                    "+quant@variants.respinquant_gptq.quant=w4a4kv4",
+                    "+variants.respinquant_gptq.layerwise_from=layerwise", "+variants.respinquant_gptq.approx=${approx}",
+                    "variants.respinquant_gptq.quant.weight_method=gptq", "+approx_variants.respinquant_gptq=layerwise"]
+
+
+@pytest.mark.parametrize("overrides", [[], ADD_GPTQ_VARIANT], ids=["default", "with_gptq_variant"])
+def test_stage_lists_match_variants(overrides):
     """DVC's foreach lists say which variants train or approximate; they must follow ``variants``."""
-    cfg = compose_pipeline()
+    cfg = compose_pipeline(overrides)
     v = cfg.variants
+    if overrides:
+        assert v.respinquant_gptq.quant.weight_method == "gptq" and v.respinquant_gptq.approx.rank == 32
     assert sorted(cfg.global_variants) == sorted(k for k in v if not v[k].get("global_from")
                                                  and not v[k].get("layerwise_from"))
     layerwise = {k: v[k].get("global_from") or k for k in v
