@@ -275,8 +275,13 @@ at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::
   const float* qp = q.data_ptr<float>();
   const float* mp = mm.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // Q^T (r, D), so the last product runs along contiguous d (vectorisable without reassociation:
+  // each y[d] still sums j = 0 .. r-1 in order, as the per-row dot product would).
+  std::vector<float> qt(static_cast<size_t>(r * D));
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < r; ++j) qt[j * D + d] = qp[d * r + j];
   at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> u(static_cast<size_t>(r)), v(static_cast<size_t>(r));
+    std::vector<float> u(static_cast<size_t>(r)), v(static_cast<size_t>(r)), acc(static_cast<size_t>(D));
     for (int64_t t = begin; t < end; ++t) {
       const float* row = hp + t * D;
       std::fill(u.begin(), u.end(), 0.0f);
@@ -291,13 +296,14 @@ at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::
         const float* mrow = mp + i * r;
         for (int64_t j = 0; j < r; ++j) v[j] += ui * mrow[j];
       }
-      float* y = op + t * D;
-      for (int64_t d = 0; d < D; ++d) {  // y = h + v Q^T
-        const float* qrow = qp + d * r;
-        float acc = 0.0f;
-        for (int64_t j = 0; j < r; ++j) acc += v[j] * qrow[j];
-        y[d] = row[d] + acc;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < r; ++j) {  // acc = v Q^T
+        const float vj = v[j];
+        const float* qtrow = qt.data() + j * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] += vj * qtrow[d];
       }
+      float* y = op + t * D;
+      for (int64_t d = 0; d < D; ++d) y[d] = row[d] + acc[d];  // y = h + v Q^T
     }
   });
   return out.to(h_in.scalar_type());
