@@ -278,8 +278,11 @@ at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::
   // Q^T (r, D), so the last product runs along contiguous d (vectorisable without reassociation:
   // each y[d] still sums j = 0 .. r-1 in order, as the per-row dot product would).
   std::vector<float> qt(static_cast<size_t>(r * D));
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = 0; j < r; ++j) qt[j * D + d] = qp[d * r + j];
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {  // in blocks of 64 rows of Q, so reads and writes stay in cache
+    const int64_t d1 = std::min(D, d0 + 64);
+    for (int64_t j = 0; j < r; ++j)
+      for (int64_t d = d0; d < d1; ++d) qt[j * D + d] = qp[d * r + j];
+  }
   at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> u(static_cast<size_t>(r)), v(static_cast<size_t>(r)), acc(static_cast<size_t>(D));
     for (int64_t t = begin; t < end; ++t) {
