@@ -1,6 +1,8 @@
 """params.yaml is exactly what conf/ composes; variants and hand-run configs compose as documented."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 from omegaconf import OmegaConf
@@ -45,11 +47,9 @@ def test_every_quant_preset_is_valid():
         assert path.stem == f"w{spec.w_bits}a{spec.a_bits}" + ("" if spec.kv_bits == 16 else f"kv{spec.kv_bits}")
 
 
-# conf/pipeline.yaml's recipe (README "What runs") for adding the GPTQ ReSpinQuant variant to dvc repro
-ADD_GPTQ_VARIANT = ["+method@variants.respinquant_gptq.method=respinquant",
-                    "+quant@variants.respinquant_gptq.quant=w4a4kv4",
-                    "+variants.respinquant_gptq.layerwise_from=layerwise", "+variants.respinquant_gptq.approx=${approx}",
-                    "variants.respinquant_gptq.quant.weight_method=gptq", "+approx_variants.respinquant_gptq=layerwise"]
+# The `dvc exp run -S '...'` overrides that conf/pipeline.yaml's comment gives for adding the GPTQ
+# ReSpinQuant variant to dvc repro (README "What runs"), read from the file so the recipe is what is tested.
+ADD_GPTQ_VARIANT = re.findall(r"-S '([^']+)'", (ROOT / "conf" / "pipeline.yaml").read_text())
 
 
 @pytest.mark.parametrize("overrides", [[], ADD_GPTQ_VARIANT], ids=["default", "with_gptq_variant"])
@@ -58,6 +58,7 @@ def test_stage_lists_match_variants(overrides):
     cfg = compose_pipeline(overrides)
     v = cfg.variants
     if overrides:
+        assert len(overrides) == 6
         assert v.respinquant_gptq.quant.weight_method == "gptq" and v.respinquant_gptq.approx.rank == 32
     assert sorted(cfg.global_variants) == sorted(k for k in v if not v[k].get("global_from")
                                                  and not v[k].get("layerwise_from"))
