@@ -12,8 +12,18 @@ import torch.distributed as dist
 
 def init_from_env(device: torch.device) -> None:
     """Join the process group torchrun describes (once); a no-op for a single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if world_size_from_env() > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun announces (1 without torchrun), before the group is joined."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's rank on its host (torchrun's ``LOCAL_RANK``): the GPU it drives."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def rank() -> int:

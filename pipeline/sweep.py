@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .artifacts import load_tensors
-from . import paths
+from . import devices, paths
 from .config import CONF_DIR, compose_pipeline
 from .data import wikitext2_windows
 from .errors import PipelineError
@@ -91,11 +91,14 @@ def run(args: argparse.Namespace) -> None:
     cfg = compose_pipeline([f"quant@variants.rtn.quant={args.quant}", *args.overrides])
     methods = _methods(cfg)
     base_quant = quant_spec(cfg.variants.rtn.quant)
-    model, tok = load_model(cfg.model)
+    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    model, tok = load_model(cfg.model, device)
     fingerprint = model_fingerprint(model)
     dims = model.config
+    del model  # only its fingerprint and sizes are needed: every row loads a fresh one
     windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.eval.max_windows)
-    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"] if "gptq" in args.weights else None
+    windows = windows.to(device)
+    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"].to(device) if "gptq" in args.weights else None
     rotations = {name: load_tensors(path, fingerprint)[0] for name, path in sets.items()}
     rows: list[tuple[str, MethodSpec, dict, dict | None, dict]] = [("rtn", methods["rtn"], {}, None, {})]
     for name in ("quarot", "spinquant", "layerwise"):
@@ -117,10 +120,11 @@ def run(args: argparse.Namespace) -> None:
                 if name not in args.methods:
                     continue
                 start = time.perf_counter()
-                fresh, _ = load_model(cfg.model)
+                fresh, _ = load_model(cfg.model, device)
                 prepare_model(fresh, method, rot, quant, sub, calib)
                 label = f"{args.quant} {weights} {name} {extra.get('rank', '')}"
                 ppl = perplexity(fresh, windows, desc=label)["ppl"]
+                del fresh  # before the next row loads its own (one model on the device at a time)
                 writer.writerow({
                     "quant": args.quant, "weights": weights, "method": name, "rank": extra.get("rank", ""),
                     "mean_rank": extra.get("approx_mean_rank", ""), "mean_energy": extra.get("approx_mean_energy", ""),

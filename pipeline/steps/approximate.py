@@ -7,7 +7,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import paths
+from .. import devices, paths
 from ..artifacts import load_tensors, save_tensors, write_csv, write_json
 from ..config import select_variant
 from ..errors import PipelineError
@@ -23,7 +23,8 @@ def run(cfg: DictConfig) -> None:
     if method.transition != "low_rank":
         raise PipelineError(f"method {method.name} has no low-rank transitions: approximate does not apply")
     spec = ApproxSpec.from_cfg(cfg.approx)
-    model, _ = load_model(cfg.model)
+    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    model, _ = load_model(cfg.model, device)
     fingerprint = model_fingerprint(model)
     dims = model.config
     if isinstance(spec.rank, int) and spec.rank > dims.hidden_size:
@@ -31,11 +32,14 @@ def run(cfg: DictConfig) -> None:
     rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
     with stage_run(cfg, "approximate", name):
-        tensors, rows = approximate_rotations(rotations, dims.num_hidden_layers, spec)
+        # the float64 eigh/SVD math runs on the device (factory calls inside default to it too)
+        with device:
+            tensors, rows = approximate_rotations({k: v.to(device) for k, v in rotations.items()},
+                                                  dims.num_hidden_layers, spec)
         summary = summarize(rows)
         meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
                 "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True))}
-        save_tensors(paths.subspace(cfg, cfg.sources["subspace"]), {k: v.to(torch.float32) for k, v in tensors.items()}, meta)
+        save_tensors(paths.subspace(cfg, cfg.sources["subspace"]), {k: v.to("cpu", torch.float32) for k, v in tensors.items()}, meta)
         csv_path = paths.approx_metrics(cfg, name)
         write_csv(csv_path, rows)
         write_json(csv_path.with_suffix(".json"), {"rank": spec.label, **summary})

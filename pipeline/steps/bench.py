@@ -7,7 +7,7 @@ from __future__ import annotations
 import mlflow
 from omegaconf import DictConfig
 
-from .. import paths
+from .. import devices, paths
 from ..adapters import adapter_for
 from ..artifacts import write_json
 from ..bench import LLAMA3_8B, Timing, bench_layer, bench_linear, bench_transition, device_name, linear_shapes
@@ -31,6 +31,11 @@ def run(cfg: DictConfig) -> None:
     timing = Timing(warmup=int(b.warmup), min_runs=int(b.min_runs), max_seconds=float(b.max_seconds))
     if timing.min_runs < 1 or timing.warmup < 0:
         raise PipelineError(f"bench.min_runs={timing.min_runs} / bench.warmup={timing.warmup}: need >= 1 / >= 0")
+    # the device/dtype are checked like every stage's, but the timed path is the CPU one whatever the
+    # device: the model (layer rows) stays on the CPU, and a CUDA device is said so, not timed
+    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    if device.type != "cpu":
+        print(f"bench: device={device}: timing the CPU path only (CUDA kernels: cuda_ext/cuda/README.md)")
     model, _ = load_model(cfg.model)
     dims = adapter_for(model).dims(model)
     if not 1 <= rank <= dims.hidden:
@@ -44,9 +49,11 @@ def run(cfg: DictConfig) -> None:
                 rows += bench_linear(op, k, n, ms, timing, name)
             rows += bench_transition(d.hidden, rank, ms, timing, name)
         rows += bench_layer(model, layer_ms, timing, cfg.model.name)
-        result = {"device": device_name(), "backend": "cpu",
-                  "note": "CPU path (C++ reference kernels); speedup = float32 matmul (or plain add) ms / op ms",
-                  "rows": rows}
+        note = "CPU path (C++ reference kernels); speedup = float32 matmul (or plain add) ms / op ms"
+        if device.type != "cpu":
+            note += f"; device={device} was configured, but only the CPU path is timed here"
+        result = {"device": device_name(), "backend": "cpu", "configured_device": str(device),
+                  "note": note, "rows": rows}
         write_json(paths.bench_metrics(cfg), result)
         for row in rows:
             if row["op"] in ("linear_w4a4", "decoder_layer_w4a4") or row["op"].startswith("residual_add_transition"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import mlflow
 from omegaconf import DictConfig
 
-from .. import paths
+from .. import devices, paths
 from ..act_stats import activation_stats, summarize_stats
 from ..artifacts import save_tensors, write_csv, write_json
 from ..data import calibration_text, check_seqlen, sample_windows, text_digest, tokenize
@@ -16,14 +16,15 @@ from ..tracking import stage_run
 def run(cfg: DictConfig) -> None:
     if not 1 <= cfg.calib.stats_windows <= cfg.calib.n_windows:
         raise PipelineError(f"calib.stats_windows={cfg.calib.stats_windows}: must be 1..calib.n_windows")
-    model, tok = load_model(cfg.model)
+    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    model, tok = load_model(cfg.model, device)
     check_seqlen(cfg.calib.seqlen, max_positions(model), "calib.seqlen")
     fingerprint = model_fingerprint(model)
     with stage_run(cfg, "calibrate"):
         text = calibration_text(cfg.data)
         ids = tokenize(text, tok)
         windows = sample_windows(ids, cfg.calib.n_windows, cfg.calib.seqlen, cfg.seed)
-        rows = activation_stats(model, windows[: cfg.calib.stats_windows])
+        rows = activation_stats(model, windows[: cfg.calib.stats_windows].to(device))  # saved ones stay on the CPU
         save_tensors(
             paths.calib_windows(cfg), {"windows": windows},
             {"fingerprint": fingerprint, "model": cfg.model.name, "source": cfg.data.calib_source},

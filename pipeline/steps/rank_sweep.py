@@ -12,7 +12,7 @@ import mlflow
 import torch
 from omegaconf import DictConfig
 
-from .. import paths
+from .. import devices, paths
 from ..artifacts import load_tensors, write_csv
 from ..config import select_variant
 from ..data import check_seqlen, wikitext2_windows
@@ -32,7 +32,8 @@ def run(cfg: DictConfig) -> None:
     specs = [ApproxSpec.from_cfg({"rank": r, "energy": cfg.approx.energy}) for r in cfg.rank_sweep.ranks]
     if not specs:
         raise PipelineError("rank_sweep.ranks is empty")
-    model, tok = load_model(cfg.model)
+    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    model, tok = load_model(cfg.model, device)
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
     fingerprint = model_fingerprint(model)
     n_layers = model.config.num_hidden_layers
@@ -43,16 +44,18 @@ def run(cfg: DictConfig) -> None:
             raise PipelineError(f"rank_sweep.ranks: {spec.rank} exceeds the hidden size {model.config.hidden_size}")
     del model
     windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.rank_sweep.max_windows)
-    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"] if quant.weight_method == "gptq" else None
+    windows = windows.to(device)  # fed to the model as they are
+    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"].to(device) if quant.weight_method == "gptq" else None
     rows = []
     with stage_run(cfg, "rank_sweep", name):
         for spec in specs:
             start = time.perf_counter()
             tensors, transition_rows = approximate_rotations(rotations, n_layers, spec, progress=False)
             summary = summarize(transition_rows)
-            fresh, _ = load_model(cfg.model)
+            fresh, _ = load_model(cfg.model, device)
             prepare_model(fresh, method, rotations, quant, {k: v.to(torch.float32) for k, v in tensors.items()}, calib)
             ppl = perplexity(fresh, windows, desc=f"{name} r={spec.label}")["ppl"]
+            del fresh  # before the next rank loads its own (one model on the device at a time)
             rows.append({"rank": spec.label, "mean_rank": summary["approx_mean_rank"],
                          "mean_energy": summary["approx_mean_energy"],
                          "mean_rel_error": summary["approx_mean_rel_error"], "wikitext2_ppl": ppl,

@@ -19,6 +19,7 @@ from .. import distributed as ddp
 from .. import paths
 from ..artifacts import load_tensors, save_tensors, tensor_digest, write_csv
 from ..config import select_variant
+from ..devices import check_dtype, resolve_device, resolve_dtype
 from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations, make_rotations, per_layer_bases, prepare_base, quant_spec
 from ..models import load_model, model_fingerprint
@@ -32,12 +33,6 @@ STAGES = ("global", "layerwise")
 def train_spec(cfg: DictConfig) -> TrainSpec:
     fields = TrainSpec.__dataclass_fields__
     return TrainSpec(**{k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k in fields})
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _load_checkpoint(path, fingerprint: str, signature: str, rotations: TrainableRotations) -> TrainState:
@@ -64,6 +59,11 @@ def run(cfg: DictConfig) -> None:
     method = MethodSpec.from_cfg(cfg.method)
     if stage == "layerwise" and not method.per_layer:
         raise PipelineError(f"method {method.name} has no per-layer bases: rotate_layerwise does not apply")
+    # where training runs (train.device, by default the top-level device), checked before any loading
+    device = resolve_device(cfg.train.device, "train.device")
+    if device.type == "cuda" and ddp.world_size_from_env() > 1:  # torchrun: one GPU per local rank
+        device = resolve_device(f"cuda:{ddp.local_rank()}", "train.device")
+    check_dtype(device, resolve_dtype(cfg.model.get("dtype")))
     model, _ = load_model(cfg.model)
     fingerprint = model_fingerprint(model)
     global_method = replace(method, per_layer=False)
@@ -89,7 +89,6 @@ def run(cfg: DictConfig) -> None:
         return
 
     spec = train_spec(cfg)
-    device = _device(cfg.train.device)
     ddp.init_from_env(device)
     train_quant = quant_spec(cfg.quant) if cfg.train.quantize_weights else replace(quant_spec(cfg.quant), w_bits=16)
     adapter = prepare_base(model, method, train_quant)

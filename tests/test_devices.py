@@ -1,0 +1,95 @@
+"""``device`` (auto | cpu | cuda | cuda:N) and ``model.dtype``: resolved and checked up front, in one line."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from conftest import model_cfg
+from pipeline import devices, models
+from pipeline.artifacts import load_tensors
+from pipeline.errors import PipelineError
+from test_bad_inputs import _one_line_error, _stage
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def _exit_2_one_line(proc, expected: str) -> None:
+    """Exit status 2, no traceback, and stderr is the single ``error:`` line."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    _one_line_error(proc, expected)
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith("error: ")
+
+
+def test_auto_and_cpu_resolve():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert devices.resolve_device("auto").type == expected
+    assert devices.resolve_device(None).type == expected
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this host has a CUDA GPU")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_cuda_on_a_cpu_host_names_the_key(name):
+    with pytest.raises(PipelineError, match=rf"^train\.device={name}: this host has no usable CUDA GPU") as exc:
+        devices.resolve_device(name, "train.device")
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["tpu", "gpu", "mps", ""])
+def test_unknown_device_names_the_key(name):
+    with pytest.raises(PipelineError, match=rf"^device={name}: choose auto, cpu, cuda or cuda:N$"):
+        devices.resolve_device(name)
+
+
+def test_dtypes():
+    assert devices.resolve_dtype(None) is torch.float32
+    assert devices.resolve_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(PipelineError, match=r"^model\.dtype=int8: choose one of float32, float64, bfloat16, float16$"):
+        devices.resolve_dtype("int8")
+    assert models.DTYPES is devices.DTYPES  # one table: other modules import models.DTYPES
+    for dtype in (torch.float32, torch.bfloat16):
+        devices.check_dtype(torch.device("cpu"), dtype)
+    assert devices.setup("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
+
+
+def test_cpu_native_bf16_is_a_bool():
+    assert isinstance(devices.cpu_native_bf16(), bool)
+
+
+def test_load_model_on_a_device_and_bad_dtype():
+    model, _ = models.load_model(model_cfg("tiny_llama"), torch.device("cpu"))
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    cfg = model_cfg("tiny_llama")
+    cfg.dtype = "int8"
+    with pytest.raises(PipelineError, match=r"^model\.dtype=int8: choose one of"):
+        models.load_model(cfg)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this host has a CUDA GPU")
+def test_cuda_on_a_cpu_host_is_one_line_before_any_work(tmp_path):
+    proc = _stage(tmp_path, "train_rotation.py", "+model=tiny_llama", "method=spinquant", "device=cuda")
+    _exit_2_one_line(proc, "error: train.device=cuda: this host has no usable CUDA GPU")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "device=cuda")
+    _exit_2_one_line(proc, "error: device=cuda: this host has no usable CUDA GPU")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+
+
+def test_bad_dtype_is_one_line(tmp_path):
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.dtype=int8")
+    _exit_2_one_line(proc, "error: model.dtype=int8: choose one of float32, float64, bfloat16, float16")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+
+
+def test_calibrate_on_an_explicit_cpu(tmp_path):
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "device=cpu",
+                  "calib.n_windows=2", "calib.seqlen=64", "calib.stats_windows=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    windows = load_tensors(tmp_path / "a" / "calib" / "windows.safetensors")[0]["windows"]
+    assert windows.shape == (2, 64) and windows.device.type == "cpu"
+    with (tmp_path / "m" / "act_stats" / "original.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(float(r["absmax"]) > 0 for r in rows)
