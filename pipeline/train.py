@@ -4,7 +4,8 @@ rotations updated by Cayley SGD, model weights frozen.
 Batches: step s uses windows ``perm[s*B : (s+1)*B]`` (cycling, ``perm`` seeded), split evenly over the
 data-parallel ranks; each rank accumulates its share one window at a time (memory: one window's
 activations), gradients are averaged over ranks, so the step equals a single process on the same
-global batch. Checkpoints (safetensors: rotations, momentum, step, losses) allow resuming.
+global batch. Checkpoints (safetensors: rotations, step, losses, and the float32 momentum buffers when
+momentum > 0; momentum 0 keeps none) allow resuming.
 """
 from __future__ import annotations
 
@@ -98,9 +99,10 @@ def train_rotations(
     opt = CayleySGD(params, lr=spec.lr, momentum=spec.momentum, iters=spec.cayley_iters,
                     reorth_every=spec.reorth_every)
     for name, p in zip(rotations.names, params):
-        if name in state.momentum:
-            opt.state[p]["momentum"] = state.momentum[name].to(p.device)
+        if state.step:  # resuming: the step counter times the QR re-orthogonalisation
             opt.state[p]["step"] = state.step
+        if spec.momentum and name in state.momentum:  # momentum 0 keeps (and saves) no buffer
+            opt.state[p]["momentum"] = state.momentum[name].to(device=p.device, dtype=p.dtype)
     bar = tqdm(range(state.step, spec.steps), desc=desc, unit="step", disable=not ddp.is_main(),
                initial=state.step, total=spec.steps)
     for step in bar:
@@ -126,6 +128,7 @@ def train_rotations(
         bar.set_postfix(loss=f"{total:.4f}")
         last = state.step == spec.steps
         if spec.checkpoint_every and (state.step % spec.checkpoint_every == 0 or last):
+            # CayleySGD replaces (never mutates) its buffers, so on CPU these may alias them without a copy
             state.momentum = {n: opt.state[p]["momentum"].detach().cpu() for n, p in zip(rotations.names, params)
                               if "momentum" in opt.state[p]}
             save_checkpoint(state)

@@ -3,8 +3,9 @@
 ``parametrize_rotations`` registers, on every weight the rotation plan touches, a parametrization
 ``W -> transforms(W)`` that reads the live rotation Parameters; the frozen base weights stay the
 norm-folded, R4-fused originals. Autograd then reaches the rotations through every weight (and through
-the per-layer transitions, which are hooks computing ``(h @ A.T) @ B - h``). ``fold_rotations``
-removes the parametrizations and the hooks, leaving plain weights (FlatQuant's ``reparameterize``).
+the per-layer transitions, hooks computing ``h @ (A.T @ B - I)`` with ``ΔT`` formed in float32: see
+``transition_delta``). ``fold_rotations`` removes the parametrizations and the hooks, leaving plain
+weights (FlatQuant's ``reparameterize``).
 This works with HF gradient checkpointing, since a recomputed forward re-reads the parametrized weights.
 """
 from __future__ import annotations
@@ -63,6 +64,22 @@ class RotatedWeight(nn.Module):
         return W
 
 
+def transition_delta(h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """``h @ (src.T @ dst - I)``, the online transition's addend, for any compute dtype of ``h``.
+
+    ``ΔT = src.T @ dst - I`` is formed from the rotation Parameters in their own dtype (at least float32;
+    float64 if they or ``h`` are), ``h`` is promoted to it, and the result is cast back to ``h.dtype``.
+    The two-product form ``(h @ src.T) @ dst - h`` in bf16 would round ``h``, ``src`` and ``dst`` by as
+    much as the true (near-identity) transition moves ``h`` (DESIGN §1 precision). One formula for all
+    dtypes; autograd reaches both rotations through ``ΔT``.
+    """
+    dtype = torch.promote_types(torch.promote_types(src.dtype, dst.dtype),
+                                torch.promote_types(h.dtype, torch.float32))
+    src, dst = src.to(dtype), dst.to(dtype)
+    delta = src.T @ dst - torch.eye(src.shape[1], dtype=dtype, device=src.device)
+    return (h.to(dtype) @ delta).to(h.dtype)
+
+
 def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: TrainableRotations,
                           weight_quant: QuantSpec | None = None) -> list[RemovableHandle]:
     """Freeze the model, fuse ``rotations`` into its weights on the fly; returns the transition hooks.
@@ -85,7 +102,7 @@ def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: 
         site, i = key.split(".")
         r = rotations.as_dict()
         src, dst = (f"A.{i}", f"B.{i}") if site == "attn" else (f"B.{i}", f"A.{int(i) + 1}")
-        return (h @ r[src].T.to(h.dtype)) @ r[dst].to(h.dtype) - h
+        return transition_delta(h, r[src], r[dst])
 
     return attach_transitions(model, adapter, transition)
 

@@ -72,3 +72,47 @@ def test_rejects_wide_matrices_and_bad_settings():
     X.grad = torch.zeros(2, 3)
     with pytest.raises(ValueError, match="p <= n"):
         CayleySGD([X]).step()
+
+
+def _reference_step(X: torch.Tensor, grad: torch.Tensor, lr: float, q: float = 0.5, iters: int = 8,
+                    tol: float = 1e-12, eps: float = 1e-8) -> torch.Tensor:
+    """One momentum-0 step as the optimizer computed it when it still stored ``W @ X`` (float64)."""
+    X0, M = X.to(torch.float64), -grad.to(torch.float64)
+    W_hat = M @ X0.T - 0.5 * X0 @ ((X0.T @ M) @ X0.T)
+    W = W_hat - W_hat.T
+    alpha = min(lr, 2 * q / (W.norm().item() + eps))
+    Y = X0 + alpha * (W @ X0)
+    for _ in range(iters):
+        Y_next = X0 + (alpha / 2) * W @ (X0 + Y)
+        moved = (Y_next - Y).abs().max().item()
+        Y = Y_next
+        if moved < tol:
+            break
+    return Y.to(X.dtype)
+
+
+def test_momentum_zero_keeps_no_buffer_and_steps_bit_identically():
+    """Memory: a per-layer 8B set is 65 x 4096², so a float64 buffer per matrix would be ~17 GB."""
+    R = torch.nn.Parameter(orthogonal_hadamard(32, seed=2, dtype=torch.float32))
+    opt = CayleySGD([R], lr=1.5, momentum=0.0, reorth_every=0)
+    for i in range(20):
+        grad = torch.randn(32, 32, generator=torch.Generator().manual_seed(i))
+        expected = _reference_step(R.detach(), grad, lr=1.5)
+        R.grad = grad.clone()
+        opt.step()
+        assert torch.equal(R.detach(), expected), i
+    state = opt.state[R]
+    assert set(state) == {"step"} and state["step"] == 20
+    assert not any(torch.is_tensor(v) for v in state.values())
+
+
+def test_momentum_buffer_is_kept_in_the_parameter_dtype():
+    R = torch.nn.Parameter(orthogonal_hadamard(32, seed=2, dtype=torch.float32))
+    opt = CayleySGD([R], lr=1.5, momentum=0.9)
+    for i in range(3):
+        R.grad = torch.randn(32, 32, generator=torch.Generator().manual_seed(i))
+        opt.step()
+    state = opt.state[R]
+    assert set(state) == {"momentum", "step"}
+    assert state["momentum"].dtype == torch.float32 and state["momentum"].shape == R.shape
+    assert state["momentum"].abs().sum() > 0

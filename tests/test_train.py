@@ -87,3 +87,44 @@ def test_trained_per_layer_set_with_exact_transitions_matches_original_float64(t
         ref = reference(tokens).logits
         err = ((fused(tokens).logits - ref).abs().max() / ref.abs().max()).item()
     assert err <= 1e-9
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_resumed_run_equals_uninterrupted_bit_for_bit(momentum):
+    """Resume from the step-3 checkpoint (rotations, step, momentum if any): the step counter must be
+    restored even without a momentum buffer, or the QR re-orthogonalisation (every 2 steps) shifts."""
+    spec = TrainSpec(steps=6, lr=1.0, batch_size=2, momentum=momentum, reorth_every=2, checkpoint_every=3)
+    model, rotations, windows = _setup(LAYERWISE)
+    straight = train_rotations(model, rotations, windows, spec, TrainState(), lambda s: None)
+    expected = {k: v.detach().clone() for k, v in rotations.as_dict().items()}
+
+    model, rotations, windows = _setup(LAYERWISE)
+    saved = {}
+
+    def save_then_die(s: TrainState) -> None:  # what rotate.py writes: rotations + state
+        saved.update(rotations={k: v.detach().clone() for k, v in rotations.as_dict().items()},
+                     state=TrainState(step=s.step, losses=list(s.losses),
+                                      momentum={k: v.clone() for k, v in s.momentum.items()}))
+        raise _Killed
+
+    with pytest.raises(_Killed):
+        train_rotations(model, rotations, windows, spec, TrainState(), save_then_die)
+    state = saved["state"]
+    assert state.step == 3
+    if momentum:
+        assert set(state.momentum) == set(rotations.names)
+        assert all(v.dtype == torch.float32 for v in state.momentum.values())
+    else:
+        assert state.momentum == {}  # nothing to save: momentum 0 keeps no buffer
+
+    model, rotations, windows = _setup(LAYERWISE)
+    with torch.no_grad():
+        for k, v in rotations.as_dict().items():
+            v.copy_(saved["rotations"][k])
+    resumed = train_rotations(model, rotations, windows, spec, state, lambda s: None)
+    assert resumed.losses == straight.losses
+    assert all(torch.equal(v.detach(), expected[k]) for k, v in rotations.as_dict().items())
