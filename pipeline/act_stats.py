@@ -49,19 +49,17 @@ class _Accumulator:
         }
 
 
-@torch.no_grad()
-def activation_stats(model: nn.Module, windows: torch.Tensor) -> list[dict]:
-    """One row per decoder linear: ``{"layer", "linear", "index", "absmax", "kurtosis", "max_median_ratio"}``.
+class ActivationStats:
+    """Accumulators of every watched decoder linear input, in watch order (layer by layer)."""
 
-    ``windows``: ``(n, seqlen)`` token ids, run one per forward.
-    """
-    adapter = adapter_for(model)
-    accs: dict[tuple[int, str], _Accumulator] = {}
-    handles = []
-    for i, layer in enumerate(adapter.layers(model)):
+    def __init__(self) -> None:
+        self.accs: dict[tuple[int, str], _Accumulator] = {}
+
+    def watch(self, layer: nn.Module, i: int, adapter) -> list:
+        """Hook decoder layer ``i``'s linear inputs; returns the hook handles (remove them when done)."""
+        handles = []
         for name in adapter.layer_linear_names():
-            module = layer.get_submodule(name)
-            acc = accs.setdefault((i, name), _Accumulator())
+            acc = self.accs.setdefault((i, name), _Accumulator())
 
             def hook(mod, args, acc=acc):
                 x = args[0]
@@ -69,17 +67,32 @@ def activation_stats(model: nn.Module, windows: torch.Tensor) -> list[dict]:
                     x = online_hadamard(x)
                 acc.add(x)
 
-            handles.append(module.register_forward_pre_hook(hook))
+            handles.append(layer.get_submodule(name).register_forward_pre_hook(hook))
+        return handles
+
+    def rows(self) -> list[dict]:
+        """One row per linear: ``{"layer", "linear", "index", "absmax", "kurtosis", "max_median_ratio"}``."""
+        return [{"layer": i, "linear": name.split(".")[-1], "index": index, **acc.result()}
+                for index, ((i, name), acc) in enumerate(self.accs.items())]
+
+
+@torch.no_grad()
+def activation_stats(model: nn.Module, windows: torch.Tensor) -> list[dict]:
+    """One row per decoder linear: ``{"layer", "linear", "index", "absmax", "kurtosis", "max_median_ratio"}``.
+
+    ``windows``: ``(n, seqlen)`` token ids, run one per forward on the model's device.
+    """
+    adapter = adapter_for(model)
+    stats = ActivationStats()
+    handles = [h for i, layer in enumerate(adapter.layers(model)) for h in stats.watch(layer, i, adapter)]
+    device = next(model.get_input_embeddings().parameters()).device
     try:
         for window in tqdm(windows, desc="activation stats", unit="win"):
-            model(window.unsqueeze(0), use_cache=False)
+            model(window.unsqueeze(0).to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    rows = []
-    for index, ((i, name), acc) in enumerate(accs.items()):
-        rows.append({"layer": i, "linear": name.split(".")[-1], "index": index, **acc.result()})
-    return rows
+    return stats.rows()
 
 
 def summarize_stats(rows: list[dict]) -> dict[str, float]:

@@ -71,15 +71,28 @@ class DecoderAdapter:
     def lm_head(self, model: nn.Module) -> nn.Linear:
         return model.lm_head
 
+    def layer_norm_sites(self, layer: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+        """A decoder layer's two RMSNorms as ``(layer, attribute name, linears that read its output)``."""
+        return [(layer, self.ATTN_NORM, [get_linear(layer, n) for n in self.ATTN_READERS]),
+                (layer, self.MLP_NORM, [get_linear(layer, n) for n in self.MLP_READERS])]
+
+    def final_norm_site(self, model: nn.Module) -> tuple[nn.Module, str, list[nn.Linear]]:
+        """The final RMSNorm and lm_head, which reads it."""
+        parent, _, attr = self.FINAL_NORM.rpartition(".")
+        return (model.get_submodule(parent), attr, [self.lm_head(model)])
+
     def norm_sites(self, model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
         """Every RMSNorm as ``(parent module, attribute name, linears that read its output)``."""
-        sites = []
-        for layer in self.layers(model):
-            sites.append((layer, self.ATTN_NORM, [get_linear(layer, n) for n in self.ATTN_READERS]))
-            sites.append((layer, self.MLP_NORM, [get_linear(layer, n) for n in self.MLP_READERS]))
-        parent, _, attr = self.FINAL_NORM.rpartition(".")
-        sites.append((model.get_submodule(parent), attr, [self.lm_head(model)]))
-        return sites
+        sites = [site for layer in self.layers(model) for site in self.layer_norm_sites(layer)]
+        return sites + [self.final_norm_site(model)]
+
+    def rotary(self, model: nn.Module) -> nn.Module:
+        """The rotary-embedding module (its buffers are not in the checkpoint: rebuilt from config)."""
+        return model.model.rotary_emb
+
+    def layer_prefix(self, i: int) -> str:
+        """State-dict prefix of decoder layer ``i`` (``model.layers.<i>.``)."""
+        return f"model.layers.{i}."
 
     def layer_linear_names(self) -> tuple[str, ...]:
         """Every quantized linear of a layer, relative to the layer, in forward order."""

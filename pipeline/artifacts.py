@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -77,34 +77,94 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         save_file(flat, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
 
 
-def load_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors artifact; refuse one made for another model (``fingerprint`` mismatch)."""
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path} does not exist: run the stage that makes it first (dvc repro)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PipelineError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    return path
+
+
+def _check_fingerprint(path: Path, metadata: dict[str, str], fingerprint: str | None) -> None:
     made_for = metadata.get("fingerprint")
     if fingerprint is not None and made_for != fingerprint:
         raise PipelineError(
             f"{path} was made for model {metadata.get('model', '?')} (fingerprint {made_for}), "
             f"not this one ({fingerprint}): rerun its stage for this model"
         )
+
+
+def load_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors artifact; refuse one made for another model (``fingerprint`` mismatch)."""
+    path = _existing(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PipelineError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    _check_fingerprint(path, metadata, fingerprint)
     return tensors, metadata
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
     """Short sha256 of the tensors' bytes (and shapes): tells two runs' inputs apart."""
+    return tensor_digest_of(tensors)
+
+
+def tensor_digest_of(tensors: Iterable[torch.Tensor]) -> str:
+    """``tensor_digest`` of an iterable, read one tensor at a time (a lazy set stays on disk)."""
     h = hashlib.sha256()
     for t in tensors:
         t = t.detach().contiguous().cpu()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
+
+
+def tensor_shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    """The shape of ``tensors[key]`` without reading it when ``tensors`` is a ``LazyTensors``."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.shape(key)
+    return tuple(tensors[key].shape)
+
+
+class LazyTensors(Mapping):
+    """A safetensors file as a read-only mapping whose tensors are read (memory-mapped) on access.
+
+    A per-layer rotation set of Llama-3-8B is 129 x 64 MiB: streamed stages read one matrix when they
+    need it instead of the whole file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+
+def open_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[LazyTensors, dict[str, str]]:
+    """``load_tensors`` that reads no tensor yet: a ``LazyTensors`` mapping and the metadata."""
+    path = _existing(path)
+    try:
+        lazy = LazyTensors(path)
+        metadata = dict(lazy._file.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PipelineError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    _check_fingerprint(path, metadata, fingerprint)
+    return lazy, metadata
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -10,8 +10,9 @@ over the columns not yet quantized through the upper Cholesky factor of ``H⁻¹
 inputs of the current layer, collects each linear's Hessian from the input the linear really sees
 (after online Hadamard and activation quant, with R3, KV quant and the residual transitions active),
 quantizes the linears group by group (q/k/v, o, gate/up, down: each later group sees the already
-quantized earlier ones) and feeds the quantized layer's outputs to the next layer. Peak memory is the
-model plus one layer's activations for the cached windows.
+quantized earlier ones) and feeds the quantized layer's outputs to the next layer. ``gptq_layer`` is
+one such step, so the streamed fuse (``stream_fuse``) runs it on each layer as it is loaded: peak
+memory is then one layer plus the cached windows' activations.
 """
 from __future__ import annotations
 
@@ -66,8 +67,10 @@ class _Stop(Exception):
     pass
 
 
-def _layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """Each window's hidden states entering ``first`` ((1, T, D) each) and the layer's keyword args."""
+def layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Each window's hidden states entering ``first`` ((1, T, D) each, on the model's device) and the
+    layer's keyword args (rotary cos/sin, mask, positions: the same for every layer and window of one
+    length). The forward stops at ``first``, so later layers may still be unloaded (meta)."""
     inputs: list[torch.Tensor] = []
     kwargs: dict = {}
 
@@ -76,11 +79,12 @@ def _layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor) -> 
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _Stop
 
+    device = next(model.get_input_embeddings().parameters()).device
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for row in windows:
             try:
-                model(row[None], use_cache=False)
+                model(row[None].to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
@@ -88,12 +92,36 @@ def _layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor) -> 
     return inputs, kwargs
 
 
-def _run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """``layer`` on each cached input (one window per call): the inputs of the next layer."""
     outs = []
     for h in inputs:
         out = layer(h, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
+
+
+@torch.no_grad()
+def gptq_layer(layer: nn.Module, adapter: DecoderAdapter, inputs: list[torch.Tensor], kwargs: dict,
+               quant: QuantSpec) -> None:
+    """GPTQ one prepared decoder layer in place, group by group (q/k/v, o, gate/up, down), each
+    group's Hessians taken with the groups before it already quantized."""
+    groups = [adapter.ATTN_READERS, (adapter.ATTN_WRITER,), adapter.MLP_READERS, (adapter.MLP_WRITER,)]
+    for group in groups:
+        hessians = {name: _Hessian() for name in group}
+        handles = [get_linear(layer, name).register_forward_pre_hook(hessians[name].add) for name in group]
+        try:
+            run_layer(layer, inputs, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name in group:
+            qlin = layer.get_submodule(name)
+            linear = get_linear(layer, name)
+            codes, scale = gptq(linear.weight, hessians[name].value(), quant.w_bits, quant.w_mse_clip,
+                                quant.w_group_size, quant.gptq_damp, quant.gptq_block, quant.gptq_act_order)
+            linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
+            qlin.weight_scale = scale.to(linear.weight.dtype)
 
 
 @torch.no_grad()
@@ -105,25 +133,10 @@ def gptq_model(model: nn.Module, adapter: DecoderAdapter, windows: torch.Tensor,
     ``dequantize(codes, scale)`` and its ``weight_scale`` buffer the scale (out, G).
     """
     layers = adapter.layers(model)
-    inputs, kwargs = _layer_inputs(model, layers[0], windows)
-    groups = [adapter.ATTN_READERS, (adapter.ATTN_WRITER,), adapter.MLP_READERS, (adapter.MLP_WRITER,)]
+    inputs, kwargs = layer_inputs(model, layers[0], windows)
     for layer in tqdm(layers, desc=desc, unit="layer"):
-        for group in groups:
-            hessians = {name: _Hessian() for name in group}
-            handles = [get_linear(layer, name).register_forward_pre_hook(hessians[name].add) for name in group]
-            try:
-                _run_layer(layer, inputs, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
-            for name in group:
-                qlin = layer.get_submodule(name)
-                linear = get_linear(layer, name)
-                codes, scale = gptq(linear.weight, hessians[name].value(), quant.w_bits, quant.w_mse_clip,
-                                    quant.w_group_size, quant.gptq_damp, quant.gptq_block, quant.gptq_act_order)
-                linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
-                qlin.weight_scale = scale.to(linear.weight.dtype)
-        inputs = _run_layer(layer, inputs, kwargs)
+        gptq_layer(layer, adapter, inputs, kwargs, quant)
+        inputs = run_layer(layer, inputs, kwargs)
 
 
 class _Hessian:

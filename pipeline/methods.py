@@ -15,14 +15,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 from .adapters import DecoderAdapter, adapter_for, get_linear, set_module
+from .artifacts import tensor_shape
 from .cayley import orthonormalize
 from .errors import PipelineError
 from .hadamard import orthogonal_hadamard
 from .online import OnlineAttention, QuantLinear, use_online_attention
 from .quantizers import OFF_BITS, ActQuantizer, QuantSpec
-from .rotation_plan import is_per_layer, rotation_plan, transform_tensor, transition_chain, transition_deltas
-from .subspace import chained_bases, restore_float64
-from .surgery import fold_norms, fuse_r4, replace_norms, untie_embeddings
+from .fusion_bases import FusionBases
+from .rotation_plan import embedding_steps, head_steps, layer_steps, transform_tensor, transition_chain
+from .surgery import fold_final_norm, fold_layer_norms, fuse_r4, replace_final_norm, replace_layer_norms, untie_embeddings
 from .transitions import DenseTransitions, LowRankTransitions, attach_transition_module
 from .weight_quant import dequantize, rtn
 
@@ -139,26 +140,45 @@ def check_rotations(rotations: dict[str, torch.Tensor], method: MethodSpec, mode
             + (f"has unexpected {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}" if extra else "")
         )
     for key, shape in expected.items():
-        if tuple(rotations[key].shape) != shape:
-            raise PipelineError(f"{key} has shape {tuple(rotations[key].shape)}, this model needs {shape}")
+        got = tensor_shape(rotations, key)
+        if got != shape:
+            raise PipelineError(f"{key} has shape {got}, this model needs {shape}")
+
+
+def prepare_layer_base(layer: nn.Module, adapter: DecoderAdapter, method: MethodSpec, quant: QuantSpec) -> None:
+    """``prepare_base`` for one decoder layer: fold (or replace) its norms, fuse R4, attach its online ops."""
+    if method.rotates:
+        fold_layer_norms(layer, adapter)
+    else:
+        replace_layer_norms(layer, adapter)
+    if method.online_r4:
+        fuse_r4(layer, adapter)
+    attach_layer_online_ops(layer, adapter, method, quant)
+
+
+def prepare_head_base(model: nn.Module, adapter: DecoderAdapter, method: MethodSpec) -> None:
+    """``prepare_base`` for what is not a decoder layer: untie lm_head, fold (or replace) the final norm,
+    route attention through the online ops."""
+    untie_embeddings(model, adapter)  # every method: one checkpoint layout for all
+    if method.rotates:
+        fold_final_norm(model, adapter)
+    else:
+        replace_final_norm(model, adapter)
+    use_online_attention(model)
 
 
 def prepare_base(model: nn.Module, method: MethodSpec, quant: QuantSpec) -> DecoderAdapter:
     """Everything but the rotation set and weight quant: untie, fold norms, fuse R4, online ops.
 
     The result computes the original function (up to activation/KV quant); rotation training
-    parametrizes its weights, ``prepare_model`` fuses a rotation set into them.
+    parametrizes its weights, ``prepare_model`` fuses a rotation set into them. Every step acts on one
+    tensor at a time, so ``prepare_layer_base`` on each layer in turn (the streamed fuse) gives the
+    very same weights.
     """
     adapter = adapter_for(model)
-    untie_embeddings(model, adapter)  # every method: one checkpoint layout for all
-    if method.rotates:
-        fold_norms(model, adapter)
-    else:
-        replace_norms(model, adapter)
-    if method.online_r4:
-        for layer in adapter.layers(model):
-            fuse_r4(layer, adapter)
-    attach_online_ops(model, adapter, method, quant)
+    prepare_head_base(model, adapter, method)
+    for layer in adapter.layers(model):
+        prepare_layer_base(layer, adapter, method, quant)
     return adapter
 
 
@@ -179,12 +199,17 @@ def check_subspace(subspace: dict[str, torch.Tensor], model: nn.Module) -> None:
             raise PipelineError(f"subspace {key}: Q {tuple(Q.shape)} / M {tuple(M.shape)} do not fit hidden size {dims.hidden}")
 
 
-def restored_subspace(subspace: dict[str, torch.Tensor], keys: list[str]) -> tuple[dict, dict]:
-    """``(Q, M)`` per transition key, re-orthonormalised in float64 (the artifact stores float32)."""
-    Qs, Ms = {}, {}
-    for key in keys:
-        Qs[key], Ms[key] = restore_float64(subspace[f"Q.{key}"], subspace[f"M.{key}"])
-    return Qs, Ms
+@torch.no_grad()
+def fuse_steps(steps: list, bases: dict[str, torch.Tensor]) -> None:
+    """Apply rotation-plan ``steps`` to their tensors in float64 with ``bases`` (float64), in place."""
+    for module, attr, transforms in steps:
+        t = getattr(module, attr)
+        t.copy_(transform_tensor(t.detach().to(torch.float64), transforms, bases).to(t.dtype))
+
+
+def empty_transitions(kind: str) -> nn.Module | None:
+    """The model-level transition module a fuse fills layer by layer (``FusionBases.layer``)."""
+    return {"dense": DenseTransitions({}), "low_rank": LowRankTransitions({}, {})}.get(kind)
 
 
 @torch.no_grad()
@@ -196,24 +221,20 @@ def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dic
     quantization-off model computes the original function at every rank.
 
     Every matrix is re-orthonormalised in float64 first (trained sets are stored in float32, orthogonal
-    to ~1e-7 only), so the fused model stays function-preserving to float64 precision.
+    to ~1e-7 only), so the fused model stays function-preserving to float64 precision. The work goes
+    part by part in stream order (``FusionBases``), as the streamed fuse does it.
     """
-    r64 = {k: orthonormalize(v.detach().to(torch.float64)) for k, v in rotations.items()}
-    n_layers = adapter.dims(model).n_layers
-    dtype = adapter.embedding(model).weight.dtype
-    t_dtype = torch.promote_types(dtype, torch.float32)  # rank-r transitions: at least float32
-    transitions: nn.Module | None = None
-    if subspace is not None:
-        Qs, Ms = restored_subspace(subspace, transition_keys(n_layers))
-        r64.update(chained_bases(r64["A.0"], Qs, Ms, n_layers))
-        transitions = LowRankTransitions({k: v.to(t_dtype) for k, v in Qs.items()},
-                                         {k: v.to(t_dtype) for k, v in Ms.items()})
-    elif is_per_layer(rotations):
-        deltas = transition_deltas(r64, n_layers)
-        transitions = DenseTransitions({k: v.to(dtype) for k, v in deltas.items()})
-    for module, attr, transforms in rotation_plan(model, adapter):
-        t = getattr(module, attr)
-        t.copy_(transform_tensor(t.detach().to(torch.float64), transforms, r64).to(t.dtype))
+    device = adapter.embedding(model).weight.device
+    bases = FusionBases(rotations, adapter.dims(model).n_layers, subspace, device,
+                        adapter.embedding(model).weight.dtype)
+    fuse_steps(embedding_steps(model, adapter), bases.embedding())
+    transitions = empty_transitions(bases.transitions)
+    for i, layer in enumerate(adapter.layers(model)):
+        layer_bases, layer_transitions = bases.layer(i)
+        fuse_steps(layer_steps(layer, i, adapter), layer_bases)
+        for name, t in layer_transitions.items():
+            transitions.register_buffer(name, t)
+    fuse_steps(head_steps(model, adapter), bases.head())
     if transitions is not None:
         attach_transition_module(model, adapter, transitions)
 
@@ -256,27 +277,35 @@ def quantize_weights(model: nn.Module, adapter: DecoderAdapter, quant: QuantSpec
 
 
 @torch.no_grad()
-def quantize_linear_weights(model: nn.Module, adapter: DecoderAdapter, quant: QuantSpec) -> None:
-    """RTN (per-output-channel or per-group symmetric, MSE clip) on every decoder linear."""
+def quantize_layer_rtn(layer: nn.Module, adapter: DecoderAdapter, quant: QuantSpec) -> None:
+    """RTN (per-output-channel or per-group symmetric, MSE clip) on one decoder layer's linears."""
     if quant.w_bits >= OFF_BITS:
         return
+    for name in adapter.layer_linear_names():
+        linear = get_linear(layer, name)
+        w = linear.weight.to(torch.float32) if linear.weight.dtype != torch.float64 else linear.weight
+        codes, scale = rtn(w, quant.w_bits, quant.w_mse_clip, quant.w_group_size)
+        linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
+        layer.get_submodule(name).weight_scale = scale.to(linear.weight.dtype)
+
+
+def quantize_linear_weights(model: nn.Module, adapter: DecoderAdapter, quant: QuantSpec) -> None:
+    """RTN on every decoder linear."""
     for layer in adapter.layers(model):
-        for name in adapter.layer_linear_names():
-            linear = get_linear(layer, name)
-            w = linear.weight.to(torch.float32) if linear.weight.dtype != torch.float64 else linear.weight
-            codes, scale = rtn(w, quant.w_bits, quant.w_mse_clip, quant.w_group_size)
-            linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
-            layer.get_submodule(name).weight_scale = scale.to(linear.weight.dtype)
+        quantize_layer_rtn(layer, adapter, quant)
+
+
+def attach_layer_online_ops(layer: nn.Module, adapter: DecoderAdapter, method: MethodSpec, quant: QuantSpec) -> None:
+    """Wrap a decoder layer's linears in ``QuantLinear`` and give its attention the R3/KV ops."""
+    for name in adapter.layer_linear_names():
+        act = ActQuantizer(quant.a_bits, quant.a_clip_ratio) if quant.a_bits < OFF_BITS else None
+        online = method.online_r4 and name == adapter.MLP_WRITER
+        set_module(layer, name, QuantLinear(get_linear(layer, name), act, online))
+    adapter.attention(layer).rsq_online = OnlineAttention(method.online_r3, quant.kv_bits, quant.kv_clip_ratio)
 
 
 def attach_online_ops(model: nn.Module, adapter: DecoderAdapter, method: MethodSpec, quant: QuantSpec) -> None:
     """Wrap every decoder linear in ``QuantLinear`` and give attention its R3/KV ops."""
     use_online_attention(model)
     for layer in adapter.layers(model):
-        for name in adapter.layer_linear_names():
-            act = ActQuantizer(quant.a_bits, quant.a_clip_ratio) if quant.a_bits < OFF_BITS else None
-            online = method.online_r4 and name == adapter.MLP_WRITER
-            set_module(layer, name, QuantLinear(get_linear(layer, name), act, online))
-        adapter.attention(layer).rsq_online = OnlineAttention(
-            method.online_r3, quant.kv_bits, quant.kv_clip_ratio
-        )
+        attach_layer_online_ops(layer, adapter, method, quant)

@@ -39,32 +39,48 @@ def basis(rotations: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
     return None
 
 
+def embedding_steps(model: nn.Module, adapter: DecoderAdapter) -> list[Step]:
+    """The embedding writes the stream in basis ``A.0``."""
+    return [(adapter.embedding(model), "weight", [(reader, "A.0")])]
+
+
+def layer_steps(layer: nn.Module, i: int, adapter: DecoderAdapter) -> list[Step]:
+    """Decoder layer ``i``: attention reads in ``A.i`` and writes in ``B.i`` (R2 on v/o), the FFN reads
+    in ``B.i`` and writes in ``A.<i+1>``."""
+    a_in, b, a_out, r2 = f"A.{i}", f"B.{i}", f"A.{i + 1}", f"R2.{i}"
+    steps: list[Step] = []
+    for name in adapter.ATTN_READERS:
+        extra = [(head_rows, r2)] if name == adapter.V_PROJ else []
+        steps.append((get_linear(layer, name), "weight", [(reader, a_in), *extra]))
+        if name == adapter.V_PROJ and get_linear(layer, name).bias is not None:
+            steps.append((get_linear(layer, name), "bias", [(head_bias, r2)]))
+    o = get_linear(layer, adapter.ATTN_WRITER)
+    steps.append((o, "weight", [(head_cols, r2), (writer, b)]))
+    for name in adapter.MLP_READERS:
+        steps.append((get_linear(layer, name), "weight", [(reader, b)]))
+    down = get_linear(layer, adapter.MLP_WRITER)
+    steps.append((down, "weight", [(writer, a_out)]))
+    for linear, key in ((o, b), (down, a_out)):
+        if linear.bias is not None:
+            steps.append((linear, "bias", [(bias_writer, key)]))
+    return steps
+
+
+def head_steps(model: nn.Module, adapter: DecoderAdapter) -> list[Step]:
+    """lm_head reads the stream in basis ``A.L``."""
+    return [(adapter.lm_head(model), "weight", [(reader, f"A.{adapter.dims(model).n_layers}")])]
+
+
 def rotation_plan(model: nn.Module, adapter: DecoderAdapter) -> list[Step]:
     """Every weight/bias touched by the residual bases and R2, with its transforms and their keys.
 
     Keys a rotation set lacks are identities (``basis`` returns None): e.g. no ``R2.<i>`` for a method
     without R2, or nothing at all for RTN.
     """
-    steps: list[Step] = [(adapter.embedding(model), "weight", [(reader, "A.0")])]
-    layers = adapter.layers(model)
-    for i, layer in enumerate(layers):
-        a_in, b, a_out, r2 = f"A.{i}", f"B.{i}", f"A.{i + 1}", f"R2.{i}"
-        for name in adapter.ATTN_READERS:
-            extra = [(head_rows, r2)] if name == adapter.V_PROJ else []
-            steps.append((get_linear(layer, name), "weight", [(reader, a_in), *extra]))
-            if name == adapter.V_PROJ and get_linear(layer, name).bias is not None:
-                steps.append((get_linear(layer, name), "bias", [(head_bias, r2)]))
-        o = get_linear(layer, adapter.ATTN_WRITER)
-        steps.append((o, "weight", [(head_cols, r2), (writer, b)]))
-        for name in adapter.MLP_READERS:
-            steps.append((get_linear(layer, name), "weight", [(reader, b)]))
-        down = get_linear(layer, adapter.MLP_WRITER)
-        steps.append((down, "weight", [(writer, a_out)]))
-        for linear, key in ((o, b), (down, a_out)):
-            if linear.bias is not None:
-                steps.append((linear, "bias", [(bias_writer, key)]))
-    steps.append((adapter.lm_head(model), "weight", [(reader, f"A.{len(layers)}")]))
-    return steps
+    steps = embedding_steps(model, adapter)
+    for i, layer in enumerate(adapter.layers(model)):
+        steps += layer_steps(layer, i, adapter)
+    return steps + head_steps(model, adapter)
 
 
 def transform_tensor(t: torch.Tensor, transforms: list[tuple[Transform, str]],

@@ -175,9 +175,9 @@ def restore_float64(Q: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def rotation_digest(rotations: dict[str, torch.Tensor]) -> str:
     """Names the exact per-layer rotation set a subspace was made from (fuse refuses a mismatch)."""
-    from .artifacts import tensor_digest
+    from .artifacts import tensor_digest_of
 
-    return tensor_digest(*(rotations[k] for k in sorted(rotations)))
+    return tensor_digest_of(rotations[k] for k in sorted(rotations))
 
 
 def approximate_set(

@@ -68,20 +68,50 @@ def untie_embeddings(model: nn.Module, adapter: DecoderAdapter) -> None:
         model._tied_weights_keys = {} if isinstance(model._tied_weights_keys, dict) else []
 
 
+def _fold_site(parent: nn.Module, attr: str, readers: list[nn.Linear]) -> None:
+    norm = getattr(parent, attr)
+    gamma = _f64(norm.weight)
+    for linear in readers:
+        linear.weight.copy_((_f64(linear.weight) * gamma).to(linear.weight.dtype))
+    folded = RMSNorm.from_hf(norm)
+    folded.weight.fill_(1.0)
+    setattr(parent, attr, folded)
+
+
+@torch.no_grad()
+def fold_layer_norms(layer: nn.Module, adapter: DecoderAdapter) -> None:
+    """Fold a decoder layer's two RMSNorm scales into the linears reading them (see ``fold_norms``)."""
+    for site in adapter.layer_norm_sites(layer):
+        _fold_site(*site)
+
+
+@torch.no_grad()
+def fold_final_norm(model: nn.Module, adapter: DecoderAdapter) -> None:
+    """Fold the final RMSNorm scale into lm_head (see ``fold_norms``)."""
+    _fold_site(*adapter.final_norm_site(model))
+
+
 @torch.no_grad()
 def fold_norms(model: nn.Module, adapter: DecoderAdapter) -> None:
     """Fold every RMSNorm scale into the linears reading it (``W <- W * gamma`` column-wise).
 
     Each norm is replaced by an ``RMSNorm`` with unit weight, which commutes with any rotation.
     """
-    for parent, attr, readers in adapter.norm_sites(model):
-        norm = getattr(parent, attr)
-        gamma = _f64(norm.weight)
-        for linear in readers:
-            linear.weight.copy_((_f64(linear.weight) * gamma).to(linear.weight.dtype))
-        folded = RMSNorm.from_hf(norm)
-        folded.weight.fill_(1.0)
-        setattr(parent, attr, folded)
+    for layer in adapter.layers(model):
+        fold_layer_norms(layer, adapter)
+    fold_final_norm(model, adapter)
+
+
+def replace_layer_norms(layer: nn.Module, adapter: DecoderAdapter) -> None:
+    """Swap a decoder layer's HF norms for dtype-faithful ``RMSNorm`` (see ``replace_norms``)."""
+    for parent, attr, _ in adapter.layer_norm_sites(layer):
+        setattr(parent, attr, RMSNorm.from_hf(getattr(parent, attr)))
+
+
+def replace_final_norm(model: nn.Module, adapter: DecoderAdapter) -> None:
+    """Swap the final HF norm for a dtype-faithful ``RMSNorm`` (see ``replace_norms``)."""
+    parent, attr, _ = adapter.final_norm_site(model)
+    setattr(parent, attr, RMSNorm.from_hf(getattr(parent, attr)))
 
 
 def replace_norms(model: nn.Module, adapter: DecoderAdapter) -> None:

@@ -18,27 +18,36 @@ from torch.utils.hooks import RemovableHandle
 from .adapters import DecoderAdapter
 
 
+def attach_layer_transitions(
+    layer: nn.Module, i: int, adapter: DecoderAdapter, apply: Callable[[str, torch.Tensor], torch.Tensor]
+) -> list[RemovableHandle]:
+    """Add ``apply(key, h)`` to decoder layer ``i``'s attention and MLP outputs (keys ``attn.i``, ``ffn.i``)."""
+    handles: list[RemovableHandle] = []
+    for norm_name, block_name, site in ((adapter.ATTN_NORM, adapter.ATTENTION, "attn"),
+                                        (adapter.MLP_NORM, adapter.MLP, "ffn")):
+        stash: dict[str, torch.Tensor] = {}
+
+        def keep(module, args, stash=stash):
+            stash["h"] = args[0]
+
+        def add(module, args, out, stash=stash, key=f"{site}.{i}"):
+            extra = apply(key, stash.pop("h"))
+            if isinstance(out, tuple):  # attention returns (output, weights)
+                return (out[0] + extra.to(out[0].dtype), *out[1:])
+            return out + extra.to(out.dtype)
+
+        handles.append(layer.get_submodule(norm_name).register_forward_pre_hook(keep))
+        handles.append(layer.get_submodule(block_name).register_forward_hook(add))
+    return handles
+
+
 def attach_transitions(
     model: nn.Module, adapter: DecoderAdapter, apply: Callable[[str, torch.Tensor], torch.Tensor]
 ) -> list[RemovableHandle]:
     """Add ``apply(key, h)`` (``h``: (..., D) residual into the block) to every attention/MLP output."""
     handles: list[RemovableHandle] = []
     for i, layer in enumerate(adapter.layers(model)):
-        for norm_name, block_name, site in ((adapter.ATTN_NORM, adapter.ATTENTION, "attn"),
-                                            (adapter.MLP_NORM, adapter.MLP, "ffn")):
-            stash: dict[str, torch.Tensor] = {}
-
-            def keep(module, args, stash=stash):
-                stash["h"] = args[0]
-
-            def add(module, args, out, stash=stash, key=f"{site}.{i}"):
-                extra = apply(key, stash.pop("h"))
-                if isinstance(out, tuple):  # attention returns (output, weights)
-                    return (out[0] + extra.to(out[0].dtype), *out[1:])
-                return out + extra.to(out.dtype)
-
-            handles.append(layer.get_submodule(norm_name).register_forward_pre_hook(keep))
-            handles.append(layer.get_submodule(block_name).register_forward_hook(add))
+        handles += attach_layer_transitions(layer, i, adapter, apply)
     return handles
 
 
