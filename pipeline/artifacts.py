@@ -68,6 +68,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.remove(tmp)
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in 4 MiB blocks)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Atomically write ``tensors`` with string ``metadata`` (must include ``fingerprint``)."""
     if "fingerprint" not in metadata:

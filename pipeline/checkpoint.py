@@ -1,21 +1,28 @@
 """The quantized checkpoint: packed integer weights, scales, online operators, config: safetensors + JSON.
 
-Layout of ``<dir>`` (self-contained: loading needs neither the base model nor this project's config):
-- ``model.safetensors``: every decoder linear as ``<prefix>.linear.qweight`` (int4 nibbles, two per
-  byte along K, low nibble = even k; int8 codes above 4 bits) and ``<prefix>.weight_scale`` (out, G);
-  the residual transitions (``rsq_transitions.Q_*``/``M_*`` rank-r, or dense ``T - I``); the 16-bit
-  tensors (embedding, lm_head, biases, unit norms). Metadata names the model fingerprint.
+Layout of ``<dir>`` (format 3; self-contained: loading needs neither the base model nor this project's
+config):
+- ``model-<j>-of-<L+1>.safetensors``: shard j <= L is decoder layer j - 1, every linear as
+  ``<prefix>.linear.qweight`` (int4 nibbles, two per byte along K, low nibble = even k; int8 codes
+  above 4 bits) and ``<prefix>.weight_scale`` (out, G), its biases and unit norms, and the transitions
+  of its two residual adds (``rsq_transitions.Q_*_<i>``/``M_*_<i>`` rank-r, or dense ``T - I``). Shard
+  L + 1 holds the 16-bit embedding, final norm and lm_head. Each shard's metadata names the fingerprint.
+- ``model.safetensors.index.json``: HF's weight map, plus the sha256 of every shard and of
+  ``rsq_config.json`` (checked on load: an edited config or a flipped byte is refused).
 - ``rsq_config.json``: format version, method and quant specs (which online ops to attach), the
   online operators (Hadamard sizes of R3/R4, transition kind and ranks), dtype and fingerprint.
 - ``config.json`` and the tokenizer files: the base model's HF config (untied) and tokenizer.
 
-``load_quantized(dir)`` rebuilds the HF model from ``config.json``, attaches the same online ops,
-unpacks the weights with the formula the in-memory quantizer used, and loads everything: its logits
-equal the in-memory model's exactly.
+``load_quantized(dir)`` builds the HF model as an empty skeleton from ``config.json``, attaches the
+same online ops, and reads the shards one at a time, unpacking the weights with the formula the
+in-memory quantizer used: its logits equal the in-memory model's exactly. ``open_quantized`` loads
+only the non-layer shard and returns a reader for layer-sequential use.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,143 +31,375 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .artifacts import atomic_dir, load_tensors, save_tensors
+from .artifacts import atomic_dir, file_sha256, load_tensors
 from .errors import PipelineError
-from .methods import MethodSpec, attach_online_ops, quant_spec, transition_keys
+from .methods import MethodSpec, attach_online_ops, empty_transitions, quant_spec
 from .models import DTYPES, model_fingerprint
+from .streaming import empty_model, release
 from .online import QuantLinear
 from .quantizers import QuantSpec
 from .surgery import replace_norms, untie_embeddings
 from .transitions import DenseTransitions, LowRankTransitions, attach_transition_module
 from .weight_quant import dequantize, expand, pack, unpack
 
-WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 CONFIG = "rsq_config.json"
-FORMAT = 2
+FORMAT = 3
 TRANSITIONS = "rsq_transitions."
 
 
-def _packed_state(model: nn.Module, bits: int) -> dict[str, torch.Tensor]:
-    """The state dict with each quantized linear's float weight replaced by its packed codes.
+def shard_name(j: int, n_layers: int) -> str:
+    """Shard ``j`` (1-based) of a checkpoint: decoder layer ``j - 1`` for ``j <= L``, the rest at ``L + 1``."""
+    return f"model-{j:05d}-of-{n_layers + 1:05d}.safetensors"
 
-    Refuses to write codes that would not reload to the very same weights.
-    """
-    state = dict(model.state_dict())
-    for name, module in model.named_modules():
-        if not isinstance(module, QuantLinear) or module.weight_scale is None:
+
+def packed_state(module: nn.Module, prefix: str, bits: int) -> dict[str, torch.Tensor]:
+    """``module``'s state dict (names ``prefix + name``), each quantized linear's float weight
+    replaced by its packed codes. Refuses codes that would not reload to the very same weights."""
+    state = {prefix + k: v for k, v in module.state_dict().items()}
+    for name, sub in module.named_modules():
+        if not isinstance(sub, QuantLinear) or sub.weight_scale is None:
             continue
-        weight = module.linear.weight.detach()
-        scale = module.weight_scale
+        weight = sub.linear.weight.detach()
+        scale = sub.weight_scale
         codes = torch.round(weight.float() / expand(scale.float(), weight.shape[1])).to(torch.int8)
         if not torch.equal(dequantize(codes, scale, weight.dtype), weight):
-            raise PipelineError(f"{name}: weights are not on their quantization grid; cannot pack them")
-        del state[f"{name}.linear.weight"]
-        state[f"{name}.linear.qweight"] = pack(codes, bits)
+            raise PipelineError(f"{prefix}{name}: weights are not on their quantization grid (non-finite or "
+                                "off-grid values); cannot pack them")
+        del state[f"{prefix}{name}.linear.weight"]
+        state[f"{prefix}{name}.linear.qweight"] = pack(codes, bits)
     return state
 
 
-def _online_ops(model: nn.Module, method: MethodSpec) -> dict[str, Any]:
-    dims = adapter_for(model).dims(model)
+def layer_state(model: nn.Module, adapter, i: int, bits: int) -> dict[str, torch.Tensor]:
+    """Shard ``i + 1``: decoder layer ``i`` packed, and the transitions of its two residual adds."""
+    state = packed_state(adapter.layers(model)[i], adapter.layer_prefix(i), bits)
     transitions = getattr(model, "rsq_transitions", None)
-    kind = {DenseTransitions: "dense", LowRankTransitions: "low_rank"}.get(type(transitions), "none")
+    if transitions is not None:
+        state.update({TRANSITIONS + name: buf for name, buf in transitions.named_buffers()
+                      if name.rsplit("_", 1)[1] == str(i)})
+    return state
+
+
+def rest_state(model: nn.Module, adapter) -> dict[str, torch.Tensor]:
+    """The last shard: what is neither a decoder layer nor a transition (embedding, final norm, lm_head)."""
+    layer_root = adapter.layer_prefix(0)[: -len("0.")]
+    return {k: v for k, v in model.state_dict().items() if not k.startswith((layer_root, TRANSITIONS))}
+
+
+def online_ops(dims, method: MethodSpec, kind: str, ranks: dict[str, int] | None) -> dict[str, Any]:
+    """The ``online`` entry of ``rsq_config.json``: which run-time operators the weights were fused for."""
     return {
         "r3_hadamard_size": dims.head_dim if method.online_r3 else None,
         "r4_hadamard_size": dims.intermediate if method.online_r4 else None,
         "transitions": kind,
-        "transition_ranks": transitions.ranks() if kind == "low_rank" else None,
+        "transition_ranks": ranks if kind == "low_rank" else None,
     }
+
+
+def transition_kind(model: nn.Module) -> str:
+    transitions = getattr(model, "rsq_transitions", None)
+    return {DenseTransitions: "dense", LowRankTransitions: "low_rank"}.get(type(transitions), "none")
+
+
+class CheckpointWriter:
+    """Writes a checkpoint shard by shard into a staging folder (module doc for the layout)."""
+
+    def __init__(self, folder: Path, n_layers: int, fingerprint: str) -> None:
+        self.folder, self.n_layers, self.fingerprint = Path(folder), n_layers, fingerprint
+        self.weight_map: dict[str, str] = {}
+        self.sha256: dict[str, str] = {}
+
+    def write(self, j: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard ``j`` (1-based) and record its keys and sha256."""
+        from safetensors.torch import save_file
+
+        name = shard_name(j, self.n_layers)
+        flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        # one metadata key: safetensors writes a map's keys in no fixed order, so one key keeps the
+        # bytes (and DVC's hash) of identical fuses identical
+        save_file(flat, str(self.folder / name), metadata={"fingerprint": self.fingerprint})
+        self.sha256[name] = file_sha256(self.folder / name)
+        self.weight_map.update({k: name for k in flat})
+
+    def finish(self, config: dict[str, Any]) -> None:
+        """Write ``rsq_config.json`` and the index, which records the sha256 of it and of every shard."""
+        if len(self.sha256) != self.n_layers + 1:
+            raise RuntimeError(f"checkpoint has {len(self.sha256)} of {self.n_layers + 1} shards")
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        (self.folder / CONFIG).write_text(text)
+        index = {"metadata": {"format": f"rsq-{FORMAT}", "fingerprint": self.fingerprint,
+                              "rsq_config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                              "shard_sha256": dict(sorted(self.sha256.items()))},
+                 "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def checkpoint_config(method: MethodSpec, quant: QuantSpec, online: dict, dtype: torch.dtype, fingerprint: str,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"format": FORMAT, "method": asdict(method), "quant": asdict(quant), "online": online,
+            "dtype": str(dtype).removeprefix("torch."), "fingerprint": fingerprint, **(extra or {})}
 
 
 def save_quantized(
     folder: str | Path, model: nn.Module, tokenizer: Any, method: MethodSpec, quant: QuantSpec,
     fingerprint: str, extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write the checkpoint of a prepared model into ``folder`` atomically (temp folder renamed in)."""
-    config = {
-        "format": FORMAT,
-        "method": asdict(method),
-        "quant": asdict(quant),
-        "online": _online_ops(model, method),
-        "dtype": str(adapter_for(model).embedding(model).weight.dtype).removeprefix("torch."),
-        "fingerprint": fingerprint,
-        **(extra or {}),
-    }
-    state = _packed_state(model, quant.w_bits)
+    """Write the checkpoint of a prepared in-memory model into ``folder`` atomically (temp folder
+    renamed in). The streamed fuse (``stream_fuse``) writes the very same files layer by layer."""
+    adapter = adapter_for(model)
+    dims = adapter.dims(model)
+    kind = transition_kind(model)
+    ranks = model.rsq_transitions.ranks() if kind == "low_rank" else None
+    config = checkpoint_config(method, quant, online_ops(dims, method, kind, ranks),
+                               adapter.embedding(model).weight.dtype, fingerprint, extra)
     with atomic_dir(folder) as staging:
-        save_tensors(staging / WEIGHTS, state, {"fingerprint": fingerprint, "method": method.name})
-        (staging / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        writer = CheckpointWriter(staging, dims.n_layers, fingerprint)
+        for i in range(dims.n_layers):
+            writer.write(i + 1, layer_state(model, adapter, i, quant.w_bits))
+        writer.write(dims.n_layers + 1, rest_state(model, adapter))
+        writer.finish(config)
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``rsq_config.json`` and the index, the config checked against the sha256 the index records."""
     config_path = folder / CONFIG
     if not config_path.is_file():
         raise PipelineError(f"{folder} is not a quantized checkpoint (no {CONFIG}): run the fuse stage first")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{config_path} is not valid JSON ({exc})") from None
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise PipelineError(f"{config_path} is not a checkpoint config (a JSON object)")
     if config.get("format") != FORMAT:
         raise PipelineError(f"{folder} has checkpoint format {config.get('format')}, this version reads {FORMAT}: rerun fuse")
-    return config
+    if not (folder / INDEX).is_file():
+        raise PipelineError(f"{folder / INDEX} is missing: the checkpoint is incomplete; rerun fuse")
+    index = _read_json(folder / INDEX)
+    try:
+        meta, _ = index["metadata"], index["weight_map"]
+        expected = meta["rsq_config_sha256"], meta["shard_sha256"]
+    except (KeyError, TypeError):
+        raise PipelineError(f"{folder / INDEX} is not a checkpoint index (no metadata.shard_sha256)") from None
+    if hashlib.sha256(config_path.read_bytes()).hexdigest() != expected[0]:
+        raise PipelineError(f"{config_path} does not match the sha256 recorded in {INDEX}: it was edited or "
+                            "corrupted after fuse (its method and bit-widths decide the online ops); rerun fuse")
+    return config, index
 
 
 BACKENDS = ("fake", "kernel")
 
 
-def load_quantized(folder: str | Path, backend: str = "fake") -> nn.Module:
-    """The runnable HF model saved by ``save_quantized`` (eval mode, online ops attached).
+class CheckpointReader:
+    """Loads a checkpoint's shards into a model skeleton: all at once (``load_quantized``) or one decoder
+    layer at a time (``open_quantized``, layer-sequential evaluation). Each shard's sha256 is checked
+    against the index before it is read, and every tensor must have the skeleton's dtype and be finite."""
 
-    ``backend``: ``fake`` (float fake quantization, any bit setting) or ``kernel`` (W4A4 only: every
-    quantized linear runs on the integer kernels as a ``linear4bit.Linear4bit``).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    def __init__(self, folder: Path, index: dict, model: nn.Module, quant: QuantSpec, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.folder, self.index, self.model, self.quant = folder, index, model, quant
+        self.dtype, self.device = dtype, device
+        self.adapter = adapter_for(model)
+        self.n_layers = self.adapter.dims(model).n_layers
+        self.fingerprint = index["metadata"].get("fingerprint")
 
-    if backend not in BACKENDS:
-        raise PipelineError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    def _shard(self, j: int) -> dict[str, torch.Tensor]:
+        name = shard_name(j, self.n_layers)
+        path = self.folder / name
+        expected = self.index["metadata"]["shard_sha256"].get(name)
+        if expected is None or not path.is_file():
+            raise PipelineError(f"{path} is missing (the checkpoint index names {len(self.index['metadata']['shard_sha256'])} "
+                                f"shards, this model needs {self.n_layers + 1}): rerun fuse")
+        if file_sha256(path) != expected:
+            raise PipelineError(f"{path} does not match the sha256 recorded in {INDEX}: the file was changed "
+                                "or corrupted after fuse; rerun fuse")
+        tensors, _ = load_tensors(path, self.fingerprint)
+        return tensors
+
+    def _assign(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        for key, scale in tensors.items():  # scales first: they become buffers the state dict then names
+            if key.endswith(".weight_scale"):
+                if scale.dtype != self.dtype:
+                    raise PipelineError(f"{where}: {key} is {scale.dtype}, the checkpoint's dtype is {self.dtype}")
+                _check_finite(scale, key, where)
+                module.get_submodule(key[len(prefix): -len(".weight_scale")]).weight_scale = scale.to(self.device)
+        expected = module.state_dict(keep_vars=True)
+        state = {}
+        for key, value in tensors.items():
+            name = key[len(prefix):]
+            if name.endswith(".linear.qweight"):
+                owner = name[: -len(".linear.qweight")]
+                scale = tensors.get(f"{prefix}{owner}.weight_scale")
+                if scale is None:
+                    raise PipelineError(f"{where} has packed {prefix}{owner} weights but no {prefix}{owner}.weight_scale")
+                if value.dtype not in (torch.uint8, torch.int8):
+                    raise PipelineError(f"{where}: {key} is {value.dtype}, packed codes are uint8/int8")
+                name = f"{owner}.linear.weight"
+                value = dequantize(unpack(value, self.quant.w_bits), scale, self.dtype)
+            if name not in expected:
+                raise PipelineError(f"{where} holds {key}, which this model does not have")
+            if value.dtype != expected[name].dtype:
+                raise PipelineError(f"{where}: {key} is {value.dtype}, the checkpoint's dtype is {expected[name].dtype}")
+            _check_finite(value, key, where)
+            state[name] = value.to(self.device)
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            raise PipelineError(f"{where} does not fit its config ({str(exc).splitlines()[0][:200]})") from None
+
+    def load_rest(self) -> None:
+        """The embedding, final norm and lm_head (the last shard)."""
+        j = self.n_layers + 1
+        tensors = self._shard(j)
+        layer_root = self.adapter.layer_prefix(0)[: -len("0.")]
+        stray = [k for k in tensors if k.startswith((layer_root, TRANSITIONS))]
+        if stray:
+            raise PipelineError(f"{self.folder / shard_name(j, self.n_layers)} holds {stray[0]}, which belongs in a layer shard")
+        skeleton = {k: v for k, v in self.model.state_dict(keep_vars=True).items() if not k.startswith((layer_root, TRANSITIONS))}
+        missing = sorted(set(skeleton) - set(tensors))
+        if missing:
+            raise PipelineError(f"{self.folder / shard_name(j, self.n_layers)} lacks {missing[0]}")
+        for key, value in tensors.items():
+            if key not in skeleton:
+                raise PipelineError(f"{self.folder / shard_name(j, self.n_layers)} holds {key}, which this model does not have")
+            if value.dtype != skeleton[key].dtype:
+                raise PipelineError(f"{shard_name(j, self.n_layers)}: {key} is {value.dtype}, the checkpoint's dtype is {skeleton[key].dtype}")
+            _check_finite(value, key, shard_name(j, self.n_layers))
+        for key, value in tensors.items():
+            owner, _, name = key.rpartition(".")
+            module = self.model.get_submodule(owner)
+            setattr(module, name, nn.Parameter(value.to(self.device), requires_grad=False)
+                    if isinstance(getattr(module, name), nn.Parameter) else value.to(self.device))
+        self.adapter.rotary(self.model).to(self.device)
+
+    def load_layer(self, i: int) -> None:
+        """Decoder layer ``i`` and its transitions (shard ``i + 1``)."""
+        where = f"{self.folder / shard_name(i + 1, self.n_layers)}"
+        tensors = self._shard(i + 1)
+        prefix = self.adapter.layer_prefix(i)
+        transitions = getattr(self.model, "rsq_transitions", None)
+        own = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+        extra = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+        for key, value in extra.items():
+            name = key[len(TRANSITIONS):]
+            if not key.startswith(TRANSITIONS) or transitions is None or name.rsplit("_", 1)[-1] != str(i):
+                raise PipelineError(f"{where} holds {key}, which this model does not have")
+            _check_finite(value, key, where)
+            transitions.register_buffer(name, value.to(self.device))
+        if transitions is not None:
+            have = {k for k, _ in transitions.named_buffers()}
+            need = _transition_buffers(type(transitions), i)
+            if not need <= have:
+                raise PipelineError(f"{where} does not hold the transitions of layer {i} its config names "
+                                    f"({', '.join(sorted(need - have))} missing)")
+        self._assign(self.adapter.layers(self.model)[i], prefix, own, where)
+
+    def release_layer(self, i: int) -> None:
+        """Free decoder layer ``i`` and its transitions again."""
+        release(self.adapter.layers(self.model)[i])
+        transitions = getattr(self.model, "rsq_transitions", None)
+        if transitions is not None:
+            for name in _transition_buffers(type(transitions), i):
+                delattr(transitions, name)
+
+
+def _transition_buffers(kind: type, i: int) -> set[str]:
+    if kind is LowRankTransitions:
+        return {f"{m}_{s}_{i}" for m in ("Q", "M") for s in ("attn", "ffn")}
+    return {f"attn_{i}", f"ffn_{i}"}
+
+
+def _check_finite(t: torch.Tensor, key: str, where: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise PipelineError(f"{where}: {key} holds non-finite values (NaN or inf)")
+
+
+def open_quantized(folder: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, CheckpointReader]:
+    """A checkpoint's model with only its embedding, final norm and lm_head loaded, and the reader that
+    loads (``load_layer(i)``) and frees (``release_layer(i)``) each decoder layer: for models that do not
+    fit in memory. ``load_quantized`` is this plus every layer."""
+    from transformers import AutoConfig
+
     folder = Path(folder)
-    config = _read_config(folder)
+    config, index = _read_config(folder)
     try:
-        hf_config = AutoConfig.from_pretrained(folder)
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"{folder}/config.json is not a readable model config ({str(exc).splitlines()[0]})") from None
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=DTYPES[config["dtype"]], attn_implementation="sdpa")
-    fingerprint = model_fingerprint(model)
-    if fingerprint != config["fingerprint"]:
-        raise PipelineError(
-            f"{folder} was made for another model (fingerprint {config['fingerprint']}, its config.json gives {fingerprint})"
-        )
-    tensors, _ = load_tensors(folder / WEIGHTS, fingerprint)
     try:
+        dtype = DTYPES[config["dtype"]]
         method, quant = MethodSpec(**config["method"]), quant_spec(config["quant"])
         kind = config["online"]["transitions"]
     except (KeyError, TypeError) as exc:
         raise PipelineError(f"{folder}/{CONFIG} lacks or mistypes an entry ({exc})") from None
+    if kind not in ("none", "dense", "low_rank"):
+        raise PipelineError(f"{folder}/{CONFIG}: online.transitions={kind!r} is not none, dense or low_rank")
+    model = empty_model(hf_config, dtype)
+    fingerprint = model_fingerprint(model)
+    if fingerprint != config["fingerprint"] or index["metadata"].get("fingerprint") != fingerprint:
+        raise PipelineError(
+            f"{folder} was made for another model (fingerprint {config['fingerprint']}, its config.json gives {fingerprint})"
+        )
     adapter = adapter_for(model)
     untie_embeddings(model, adapter)
     replace_norms(model, adapter)
     attach_online_ops(model, adapter, method, quant)
-    if kind != "none":
-        state = {k[len(TRANSITIONS):]: v for k, v in tensors.items() if k.startswith(TRANSITIONS)}
-        module = DenseTransitions(state) if kind == "dense" else LowRankTransitions.from_state(state)
-        expected = {k.replace(".", "_") for k in transition_keys(adapter.dims(model).n_layers)}
-        if set(module.keys()) != expected:
-            raise PipelineError(f"{folder}/{WEIGHTS} does not hold the {len(expected)} {kind} transitions its config names")
-        attach_transition_module(model, adapter, module)
-    dtype = adapter.embedding(model).weight.dtype
-    for key in [k for k in tensors if k.endswith(".linear.qweight")]:
-        prefix = key[: -len(".linear.qweight")]
-        scale = tensors.get(f"{prefix}.weight_scale")
-        if scale is None:
-            raise PipelineError(f"{folder}/{WEIGHTS} has packed {prefix} weights but no {prefix}.weight_scale")
-        model.get_submodule(prefix).weight_scale = scale
-        tensors[f"{prefix}.linear.weight"] = dequantize(unpack(tensors.pop(key), quant.w_bits), scale, dtype)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise PipelineError(f"{folder}/{WEIGHTS} does not fit its config ({str(exc).splitlines()[0][:200]})") from None
+    transitions = empty_transitions(kind)
+    if transitions is not None:
+        attach_transition_module(model, adapter, transitions)
+    reader = CheckpointReader(folder, index, model, quant, dtype, torch.device(device))
+    reader.load_rest()
+    return model, reader
+
+
+def loaded_bytes(folder: str | Path) -> int:
+    """Bytes the checkpoint's model takes once loaded (packed int4 codes unpacked to two values of its
+    dtype per byte), read from the shards' headers only."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config, index = _read_config(folder)
+    unpacked = DTYPES.get(config.get("dtype"), torch.float32).itemsize
+    total = 0
+    for name in index["metadata"]["shard_sha256"]:
+        try:
+            with safe_open(str(folder / name), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_slice(key)
+                    numel = math.prod(t.get_shape())
+                    if key.endswith(".linear.qweight"):
+                        total += numel * unpacked * (2 if t.get_dtype() == "U8" else 1)
+                    else:
+                        total += numel * _ITEMSIZE.get(t.get_dtype(), 1)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{folder / name} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    return total
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
+def load_quantized(folder: str | Path, backend: str = "fake", device: torch.device | str = "cpu") -> nn.Module:
+    """The runnable HF model saved by ``save_quantized`` (eval mode, online ops attached), on ``device``.
+
+    ``backend``: ``fake`` (float fake quantization, any bit setting) or ``kernel`` (W4A4 only: every
+    quantized linear runs on the integer kernels as a ``linear4bit.Linear4bit``). Shards are read one at
+    a time, each checked against its recorded sha256.
+    """
+    if backend not in BACKENDS:
+        raise PipelineError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    model, reader = open_quantized(folder, device)
+    for i in range(reader.n_layers):
+        reader.load_layer(i)
     if backend == "kernel":
+        quant = reader.quant
         if (quant.w_bits, quant.a_bits) != (4, 4) or quant.w_group_size:
             raise PipelineError(f"backend=kernel runs W4A4 with per-channel weight scales; {folder} is "
                                 f"W{quant.w_bits}A{quant.a_bits} (group size {quant.w_group_size})")
@@ -175,4 +414,4 @@ def load_tokenizer(folder: str | Path) -> Any:
     """The tokenizer saved beside a quantized checkpoint."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

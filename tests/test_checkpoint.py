@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from conftest import model_cfg
 from pipeline import load_quantized, load_tokenizer
-from pipeline.checkpoint import CONFIG, WEIGHTS, save_quantized
+from pipeline.checkpoint import CONFIG, INDEX, save_quantized, shard_name
 from pipeline.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
 from pipeline.models import load_model, model_fingerprint
@@ -54,11 +54,12 @@ def test_weights_are_packed_int4_with_scales(tmp_path):
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, w_group_size=32)
     model, tok, fingerprint = _prepared("tiny_llama", RESPIN, quant, rank=8)
     save_quantized(tmp_path / "ckpt", model, tok, RESPIN, quant, fingerprint)
-    with safe_open(str(tmp_path / "ckpt" / WEIGHTS), "pt") as f:
+    with safe_open(str(tmp_path / "ckpt" / shard_name(1, 2)), "pt") as f:
         keys = set(f.keys())
         q = f.get_tensor("model.layers.0.mlp.down_proj.linear.qweight")
         s = f.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
-        assert f.get_tensor("rsq_transitions.Q_ffn_1").shape == (192, 8)
+    with safe_open(str(tmp_path / "ckpt" / shard_name(2, 2)), "pt") as f:
+        assert f.get_tensor("rsq_transitions.Q_ffn_1").shape == (192, 8)  # layer 1's adds live in its shard
     assert q.dtype == torch.uint8 and q.shape == (192, 320 // 2) and s.shape == (192, 320 // 32)
     assert not any(k.endswith("proj.linear.weight") for k in keys)  # no float copy of a quantized weight
     config = json.loads((tmp_path / "ckpt" / CONFIG).read_text())
@@ -89,10 +90,10 @@ def test_checkpoint_for_another_model_refused(tmp_path):
 def test_truncated_weights_refused(tmp_path, cut):
     model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
-    path = tmp_path / "ckpt" / WEIGHTS
+    path = tmp_path / "ckpt" / shard_name(1, 2)
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * cut)])
-    with pytest.raises(PipelineError, match="is not a readable safetensors file"):
+    with pytest.raises(PipelineError, match="does not match the sha256 recorded"):
         load_quantized(tmp_path / "ckpt")
 
 
@@ -104,6 +105,9 @@ def test_not_a_checkpoint(tmp_path):
         load_quantized(tmp_path)
     (tmp_path / CONFIG).write_text(json.dumps({"format": 1}))
     with pytest.raises(PipelineError, match="has checkpoint format 1"):
+        load_quantized(tmp_path)
+    (tmp_path / CONFIG).write_text(json.dumps({"format": 3}))
+    with pytest.raises(PipelineError, match="index.json is missing"):
         load_quantized(tmp_path)
 
 
@@ -133,12 +137,89 @@ def test_gptq_needs_calibration_windows():
 
 
 def test_missing_transitions_refused(tmp_path):
+    """A shard rewritten without its transitions (and its hash updated to match) is still refused."""
     model, tok, fingerprint = _prepared("tiny_llama", RESPIN, W4A4, rank=4)
     save_quantized(tmp_path / "ckpt", model, tok, RESPIN, W4A4, fingerprint)
-    from pipeline.artifacts import load_tensors, save_tensors
+    def drop(tensors):
+        del tensors["rsq_transitions.Q_ffn_1"], tensors["rsq_transitions.M_ffn_1"]
 
-    tensors, meta = load_tensors(tmp_path / "ckpt" / WEIGHTS)
-    del tensors["rsq_transitions.Q_ffn_1"], tensors["rsq_transitions.M_ffn_1"]
-    save_tensors(tmp_path / "ckpt" / WEIGHTS, tensors, meta)
-    with pytest.raises(PipelineError, match="does not hold the 4 low_rank transitions"):
+    _rewrite_shard(tmp_path / "ckpt", shard_name(2, 2), drop)
+    with pytest.raises(PipelineError, match="does not hold the transitions of layer 1"):
         load_quantized(tmp_path / "ckpt")
+
+
+def _rewrite_shard(folder, name: str, edit) -> None:
+    """Rewrite shard ``name`` after ``edit(tensors)`` and record its new sha256 in the index, as a
+    consistent (not accidental) change would."""
+    from pipeline.artifacts import file_sha256, load_tensors, save_tensors
+
+    tensors, meta = load_tensors(folder / name)
+    edit(tensors)
+    save_tensors(folder / name, tensors, meta)
+    index = json.loads((folder / INDEX).read_text())
+    index["metadata"]["shard_sha256"][name] = file_sha256(folder / name)
+    (folder / INDEX).write_text(json.dumps(index))
+
+
+def _tamper(path, offset_from_end: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("edit", ["a_bits", "method", "online_r4"])
+def test_edited_config_refused(tmp_path, edit):
+    """Editing rsq_config.json (a W4A4 checkpoint relabelled W4A16, another method, R4 off) changes the
+    online ops the weights were fused for: refused in one line naming the file."""
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    path = tmp_path / "ckpt" / CONFIG
+    config = json.loads(path.read_text())
+    if edit == "a_bits":
+        config["quant"]["a_bits"] = config["quant"]["kv_bits"] = 16
+    elif edit == "method":
+        config["method"] = {**config["method"], "name": "rtn", "r1": "none", "r2": "none",
+                            "online_r3": False, "online_r4": False}
+    else:
+        config["method"]["online_r4"] = False
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(PipelineError, match=f"{CONFIG} does not match the sha256 recorded"):
+        load_quantized(tmp_path / "ckpt")
+
+
+def test_flipped_tensor_bytes_refused(tmp_path):
+    """Flipped bytes inside tensor data (not the header) are caught by the shard's sha256."""
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    shard = tmp_path / "ckpt" / shard_name(2, 2)
+    _tamper(shard)
+    with pytest.raises(PipelineError, match=f"{shard.name} does not match the sha256 recorded"):
+        load_quantized(tmp_path / "ckpt")
+
+
+def test_missing_shard_refused(tmp_path):
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    (tmp_path / "ckpt" / shard_name(1, 2)).unlink()
+    with pytest.raises(PipelineError, match=f"{shard_name(1, 2)} is missing"):
+        load_quantized(tmp_path / "ckpt")
+
+
+def test_nan_scale_refused_even_with_a_matching_hash(tmp_path):
+    """A NaN weight scale written consistently (shard and index both rewritten) is still refused."""
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    def poison(tensors):
+        tensors["model.layers.0.mlp.down_proj.weight_scale"][3] = float("nan")
+
+    _rewrite_shard(tmp_path / "ckpt", shard_name(1, 2), poison)
+    with pytest.raises(PipelineError, match="down_proj.weight_scale holds non-finite values"):
+        load_quantized(tmp_path / "ckpt")
+
+
+def test_identical_saves_write_identical_bytes(tmp_path):
+    model, tok, fingerprint = _prepared("tiny_llama", RESPIN, W4A4, rank=4)
+    save_quantized(tmp_path / "a", model, tok, RESPIN, W4A4, fingerprint)
+    save_quantized(tmp_path / "b", model, tok, RESPIN, W4A4, fingerprint)
+    for path in sorted((tmp_path / "a").iterdir()):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
