@@ -1,4 +1,10 @@
-"""WikiText-2 perplexity: exp(mean NLL over every predicted token of non-overlapping windows)."""
+"""WikiText-2 perplexity: exp(mean NLL over every predicted token of non-overlapping windows).
+
+Two ways to the same number: ``perplexity`` runs the whole model on each window; ``perplexity_streamed``
+runs the windows layer-sequentially (the GPTQ-style evaluation of a model that does not fit: every
+window's hidden states pass layer i, then layer i is freed and layer i + 1 loaded). Each layer sees
+the same inputs and keyword arguments either way, so the two give the same NLL.
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +15,14 @@ from torch import nn
 from tqdm import tqdm
 
 
+def _ppl(mean_nll: float) -> float:
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf  # exp overflows float64 past ~709.78
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.get_input_embeddings().parameters()).device
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, desc: str = "ppl") -> dict[str, float]:
     """Perplexity of ``model`` on ``windows`` ``(n, seqlen)``, one window per forward (batch 1).
@@ -17,14 +31,46 @@ def perplexity(model: nn.Module, windows: torch.Tensor, desc: str = "ppl") -> di
     Returns ``{"ppl", "nll", "tokens"}``.
     """
     model.eval()
+    device = _device(model)
     total_nll, total_tokens = 0.0, 0
     bar = tqdm(windows, desc=desc, unit="win")
     for window in bar:
-        ids = window.unsqueeze(0)
+        ids = window.unsqueeze(0).to(device)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
         nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
         total_nll += nll.item()
         total_tokens += ids.shape[1] - 1
-        bar.set_postfix(ppl=f"{math.exp(total_nll / total_tokens):.3f}")
+        bar.set_postfix(ppl=f"{_ppl(total_nll / total_tokens):.3f}")
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    return {"ppl": _ppl(mean), "nll": mean, "tokens": total_tokens}
+
+
+@torch.no_grad()
+def perplexity_streamed(model: nn.Module, reader, windows: torch.Tensor, desc: str = "ppl") -> dict[str, float]:
+    """``perplexity`` of a checkpoint opened with ``checkpoint.open_quantized`` (``model`` holds only its
+    embedding, final norm and lm_head; ``reader`` loads and frees each decoder layer), layer-sequentially.
+
+    Memory: one decoder layer plus the hidden states of every window, ``(n, seqlen, D)``.
+    """
+    from .adapters import adapter_for
+    from .gptq import layer_inputs, run_layer
+
+    model.eval()
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    hidden, kwargs = layer_inputs(model, layers[0], windows)
+    for i in tqdm(range(len(layers)), desc=f"{desc} (layer-sequential)", unit="layer"):
+        reader.load_layer(i)
+        hidden = run_layer(layers[i], hidden, kwargs)
+        reader.release_layer(i)
+    norm = model.get_submodule(adapter.FINAL_NORM)
+    head = adapter.lm_head(model)
+    device = _device(model)
+    total_nll, total_tokens = 0.0, 0
+    for h, window in zip(hidden, windows):
+        ids = window.unsqueeze(0).to(device)
+        logits = head(norm(h))[0, :-1].float()
+        total_nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        total_tokens += ids.shape[1] - 1
+    mean = total_nll / total_tokens
+    return {"ppl": _ppl(mean), "nll": mean, "tokens": total_tokens}

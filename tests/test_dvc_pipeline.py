@@ -78,7 +78,7 @@ def _check_outputs(repo: Path) -> None:
         assert 1.0 < result["wikitext2_ppl"] < 1e6
         assert result["zeroshot_tasks"] == ["arc_easy", "piqa"] and result["zeroshot_skipped"] == ["hellaswag"]
         assert result["zeroshot_limit"] == 2 and 0 <= result["zeroshot_avg"] <= 1
-        assert (repo / "artifacts" / "fused" / variant / "model.safetensors").is_file()
+        assert (repo / "artifacts" / "fused" / variant / "model.safetensors.index.json").is_file()
     approx = json.loads((repo / "metrics" / "approx" / "respinquant.json").read_text())
     assert approx["rank"] == "32" and approx["approx_mean_rank"] == 32 and approx["approx_max_orth_error"] < 1e-12
     ckpt = json.loads((repo / "artifacts" / "fused" / "respinquant" / "rsq_config.json").read_text())

@@ -1,6 +1,8 @@
 """eval: WikiText-2 test perplexity and lm-eval zero-shot accuracy of the fused model.
 
-The checkpoint is reloaded with ``pipeline.load_quantized`` (the exported model is what is measured).
+The checkpoint is reloaded with ``pipeline.load_quantized`` (the exported model is what is measured),
+on ``device``. A model that does not fit (``eval.stream``: ``auto`` decides from the checkpoint's size
+and the device's free memory) is evaluated layer-sequentially, perplexity only.
 ``metrics/eval/<variant>.json`` holds ``wikitext2_ppl``, ``zeroshot_avg`` and one key per zero-shot
 task (its headline metric: acc_norm where lm-eval's task defines it, else acc), plus ``<task>_acc`` /
 ``<task>_acc_norm``, the tasks that ran and the tasks skipped (no data).
@@ -8,29 +10,55 @@ task (its headline metric: acc_norm where lm-eval's task defines it, else acc), 
 from __future__ import annotations
 
 import mlflow
+import torch
 from omegaconf import DictConfig
 
 from .. import paths
 from ..artifacts import write_json
-from ..checkpoint import load_quantized, load_tokenizer
+from ..checkpoint import load_quantized, load_tokenizer, loaded_bytes, open_quantized
 from ..config import select_variant
 from ..data import check_seqlen, wikitext2_windows
+from ..devices import free_memory, resolve_device
+from ..errors import PipelineError
 from ..models import max_positions
-from ..perplexity import perplexity
+from ..perplexity import perplexity, perplexity_streamed
 from ..tracking import stage_run
 from ..zeroshot import check_request, evaluate_zeroshot
+
+STREAM = ("auto", True, False)
+
+
+def _stream(setting, folder, device: torch.device) -> bool:
+    if setting not in STREAM:
+        raise PipelineError(f"eval.stream={setting!r}: choose true, false or auto")
+    if setting != "auto":
+        return bool(setting)
+    return loaded_bytes(folder) > 0.8 * free_memory(device)
 
 
 def run(cfg: DictConfig) -> None:
     name, cfg = select_variant(cfg)
+    device = resolve_device(cfg.get("device"))
     tasks = list(cfg.eval.get("tasks") or [])
     if tasks:  # a typo in the task list fails now, not after the perplexity pass
         check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
-    model, tok = load_quantized(paths.fused(cfg, name)), load_tokenizer(paths.fused(cfg, name))
+    folder = paths.fused(cfg, name)
+    stream = _stream(cfg.eval.get("stream", "auto"), folder, device)
+    if stream and tasks:
+        raise PipelineError(f"{folder} is evaluated layer-sequentially (eval.stream), which measures perplexity "
+                            "only: zero-shot needs the whole model in memory; set eval.tasks=[] or eval.stream=false")
+    if stream:
+        model, reader = open_quantized(folder, device)
+    else:
+        model, reader = load_quantized(folder, device=device), None
+    tok = load_tokenizer(folder)
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
     windows, digest = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.eval.max_windows)
     with stage_run(cfg, "eval", name):
-        result = perplexity(model, windows, desc=f"wikitext2 {name}")
+        if reader is not None:
+            result = perplexity_streamed(model, reader, windows, desc=f"wikitext2 {name}")
+        else:
+            result = perplexity(model, windows, desc=f"wikitext2 {name}")
         metrics = {"wikitext2_ppl": result["ppl"], "wikitext2_windows": windows.shape[0],
                    "wikitext2_seqlen": windows.shape[1], "wikitext2_tokens": result["tokens"]}
         zeroshot = {}
@@ -39,6 +67,7 @@ def run(cfg: DictConfig) -> None:
                                          batch_size=cfg.eval.batch_size, seed=cfg.seed)
         write_json(paths.eval_metrics(cfg, name), {"method": cfg.method.name, "quant": cfg.quant.name,
                                                    "weights": cfg.quant.get("weight_method", "rtn"),
+                                                   "layer_sequential": stream,
                                                    "wikitext2_text_sha256": digest, **metrics, **zeroshot})
         mlflow.log_metrics({**metrics, **{k: v for k, v in zeroshot.items() if isinstance(v, float)}})
         mlflow.log_artifact(str(paths.eval_metrics(cfg, name)))

@@ -1,5 +1,7 @@
 """fuse: fold norms and rotations into the weights, attach the online ops (R3, R4, transitions),
-quantize the weights (RTN or GPTQ), export the packed checkpoint."""
+quantize the weights (RTN or GPTQ), export the packed checkpoint, one decoder layer at a time
+(``stream_fuse``: the model's weights are read from safetensors layer by layer, so a model larger
+than memory goes through)."""
 from __future__ import annotations
 
 import resource
@@ -9,24 +11,28 @@ import mlflow
 from omegaconf import DictConfig
 
 from .. import paths
-from ..act_stats import activation_stats, summarize_stats
-from ..artifacts import load_tensors, write_csv
-from ..checkpoint import CONFIG, save_quantized
+from ..act_stats import summarize_stats
+from ..artifacts import load_tensors, open_tensors, write_csv
+from ..checkpoint import CONFIG
 from ..config import select_variant
+from ..devices import setup
 from ..errors import PipelineError
-from ..methods import MethodSpec, prepare_model, quant_spec
-from ..models import load_model, model_fingerprint
+from ..methods import MethodSpec, quant_spec
+from ..models import model_fingerprint
+from ..stream_fuse import fuse_streamed
+from ..streaming import open_model
 from ..subspace import rotation_digest
 from ..tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
     name, cfg = select_variant(cfg)
+    device, dtype = setup(cfg.get("device"), cfg.model.get("dtype"))
     method, quant = MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant)
-    model, tok = load_model(cfg.model)
+    model, tok, source = open_model(cfg.model, dtype)
     fingerprint = model_fingerprint(model)
     stage = "layerwise" if method.per_layer else "global"
-    rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources[stage], stage), fingerprint)
+    rotations, _ = open_tensors(paths.rotations(cfg, cfg.sources[stage], stage), fingerprint)
     subspace = None
     if method.transition == "low_rank":
         sub_path = paths.subspace(cfg, cfg.sources["subspace"])
@@ -37,12 +43,11 @@ def run(cfg: DictConfig) -> None:
     windows = windows["windows"]
     with stage_run(cfg, "fuse", name):
         start = time.perf_counter()
-        prepare_model(model, method, rotations, quant, subspace, windows)
+        rows = fuse_streamed(paths.fused(cfg, name), model, tok, source, method, rotations, quant, fingerprint,
+                             subspace, windows, windows[: cfg.calib.stats_windows], device,
+                             {"model_name": cfg.model.name, "variant": name})
         fuse_seconds = time.perf_counter() - start
-        rows = activation_stats(model, windows[: cfg.calib.stats_windows])
         write_csv(paths.act_stats(cfg, name), rows)
-        save_quantized(paths.fused(cfg, name), model, tok, method, quant, fingerprint,
-                       {"model_name": cfg.model.name, "variant": name})
         mlflow.log_metrics({**summarize_stats(rows), "fuse_seconds": fuse_seconds,
                             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         mlflow.log_artifact(str(paths.act_stats(cfg, name)))

@@ -1,0 +1,140 @@
+"""The streamed fuse: read one decoder layer, transform, quantize, write its shard, free it.
+
+``fuse_streamed`` makes the same checkpoint as ``methods.prepare_model`` + ``checkpoint.save_quantized``
+(the same bytes: every weight goes through the same float64 steps in the same order), without ever
+holding more than one decoder layer: the skeleton (``streaming.empty_model``) keeps the embedding,
+final norm and lm_head; layer i is read from the weight source (safetensors, memory-mapped), its norms
+folded, R4 fused, online ops attached, its bases fused (``FusionBases``), its weights quantized (RTN,
+or GPTQ on the activations of the calibration windows carried from layer i - 1), its activation
+statistics taken, and its shard written; then its tensors are freed.
+
+Peak memory: one layer (plus its GPTQ Hessians), the embedding and lm_head, a few D x D float64 bases,
+and the activations of the calibration windows (N x T x D).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .act_stats import ActivationStats
+from .adapters import adapter_for
+from .artifacts import atomic_dir
+from .errors import PipelineError
+from .checkpoint import CheckpointWriter, checkpoint_config, layer_state, online_ops, rest_state
+from .fusion_bases import FusionBases
+from .gptq import gptq_layer, layer_inputs, run_layer
+from .methods import (MethodSpec, check_rotations, check_subspace, empty_transitions,
+                      fuse_steps, prepare_head_base, prepare_layer_base, quantize_layer_rtn)
+from .quantizers import OFF_BITS, QuantSpec
+from .rotation_plan import embedding_steps, head_steps, layer_steps
+from .streaming import WeightSource, materialize, release
+from .transitions import attach_layer_transitions
+
+
+def load_head(model: nn.Module, source: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
+    """Read the embedding, final norm and lm_head into the skeleton (a tied lm_head gets its own copy
+    of the embedding) and put the rotary buffers on ``device``."""
+    adapter = adapter_for(model)
+    emb_prefix = _prefix(model, adapter.embedding(model))
+    head_prefix = _prefix(model, adapter.lm_head(model))
+    materialize(adapter.embedding(model), emb_prefix, source, dtype, device)
+    materialize(adapter.lm_head(model), head_prefix, source, dtype, device,
+                aliases={f"{head_prefix}weight": f"{emb_prefix}weight"})
+    parent, attr, _ = adapter.final_norm_site(model)
+    norm = getattr(parent, attr)
+    materialize(norm, _prefix(model, norm), source, dtype, device)
+    adapter.rotary(model).to(device)
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module not in model")
+
+
+@torch.no_grad()
+def fuse_streamed(
+    folder: str | Path, model: nn.Module, tokenizer: Any, source: WeightSource, method: MethodSpec,
+    rotations: Mapping[str, torch.Tensor], quant: QuantSpec, fingerprint: str,
+    subspace: Mapping[str, torch.Tensor] | None = None, calib: torch.Tensor | None = None,
+    stats_windows: torch.Tensor | None = None, device: torch.device | str = "cpu",
+    extra: dict[str, Any] | None = None, on_layer: Callable[[nn.Module, int], None] | None = None,
+) -> list[dict]:
+    """Fuse ``model`` (a skeleton from ``streaming.empty_model``; its weights in ``source``) for
+    ``method`` at ``quant`` and write the checkpoint into ``folder`` atomically, one layer at a time.
+
+    ``calib`` (N, T): GPTQ's calibration windows; ``stats_windows`` (n, T): windows whose linear inputs
+    give the activation statistics returned (``act_stats`` rows; empty without windows). ``on_layer(model,
+    i)`` is called while layer i is loaded (a probe for tests). Raises PipelineError on bad input.
+    """
+    device = torch.device(device)
+    adapter = adapter_for(model)
+    dims = adapter.dims(model)
+    dtype = adapter.embedding(model).weight.dtype
+    check_rotations(rotations, method, model)
+    if method.transition == "low_rank":
+        if subspace is None:
+            raise PipelineError(f"method {method.name} has low-rank transitions: run the approximate stage first")
+        check_subspace(subspace, model)
+    gptq = quant.weight_method == "gptq" and quant.w_bits < OFF_BITS
+    if gptq and calib is None:
+        raise PipelineError("quant.weight_method=gptq needs calibration windows (run the calibrate stage)")
+
+    load_head(model, source, dtype, device)
+    prepare_head_base(model, adapter, method)
+    bases = FusionBases(rotations, dims.n_layers, subspace if method.transition == "low_rank" else None, device, dtype)
+    fuse_steps(embedding_steps(model, adapter), bases.embedding())
+    transitions = empty_transitions(bases.transitions)
+    if transitions is not None:
+        model.rsq_transitions = transitions  # filled and emptied layer by layer; hooks per layer below
+    layers = adapter.layers(model)
+    carried, kwargs = layer_inputs(model, layers[0], calib) if gptq else ([], {})
+    stats, observed, stats_kwargs = ActivationStats(), [], {}
+    if stats_windows is not None and len(stats_windows):
+        observed, stats_kwargs = layer_inputs(model, layers[0], stats_windows)
+    ranks: dict[str, int] = {}
+    with atomic_dir(folder) as staging:
+        writer = CheckpointWriter(staging, dims.n_layers, fingerprint)
+        for i, layer in enumerate(tqdm(layers, desc=f"fuse {method.name}", unit="layer")):
+            materialize(layer, adapter.layer_prefix(i), source, dtype, device)
+            prepare_layer_base(layer, adapter, method, quant)
+            layer_bases, layer_transitions = bases.layer(i)
+            fuse_steps(layer_steps(layer, i, adapter), layer_bases)
+            for name, t in layer_transitions.items():
+                transitions.register_buffer(name, t)
+                if name.startswith("Q_"):
+                    ranks[name[2:]] = t.shape[1]
+            handles = attach_layer_transitions(layer, i, adapter, transitions) if transitions is not None else []
+            if gptq:
+                gptq_layer(layer, adapter, carried, kwargs, quant)
+                carried = run_layer(layer, carried, kwargs)
+            else:
+                quantize_layer_rtn(layer, adapter, quant)
+            if observed:
+                watch = stats.watch(layer, i, adapter)
+                observed = run_layer(layer, observed, stats_kwargs)
+                for h in watch:
+                    h.remove()
+            if on_layer is not None:
+                on_layer(model, i)
+            writer.write(i + 1, layer_state(model, adapter, i, quant.w_bits))
+            for h in handles:
+                h.remove()
+            for name in layer_transitions:
+                delattr(transitions, name)
+            release(layer)
+        fuse_steps(head_steps(model, adapter), bases.head())
+        writer.write(dims.n_layers + 1, rest_state(model, adapter))
+        kind = bases.transitions
+        writer.finish(checkpoint_config(method, quant, online_ops(dims, method, kind, ranks or None), dtype,
+                                        fingerprint, extra))
+        if transitions is not None:
+            del model.rsq_transitions
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return stats.rows()

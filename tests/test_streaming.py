@@ -1,0 +1,173 @@
+"""Layer streaming: the streamed fuse writes the whole-model fuse's very bytes, holds at most two decoder
+layers at once, and the layer-sequential perplexity equals the whole-model one; bad streamed inputs
+are one line."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import model_cfg
+from pipeline import load_quantized
+from pipeline.act_stats import activation_stats
+from pipeline.adapters import adapter_for
+from pipeline.checkpoint import INDEX, open_quantized, save_quantized, shard_name
+from pipeline.errors import PipelineError
+from pipeline.methods import MethodSpec, make_rotations, prepare_model
+from pipeline.models import load_model, model_fingerprint
+from pipeline.perplexity import perplexity, perplexity_streamed
+from pipeline.quantizers import QuantSpec
+from pipeline.stream_fuse import fuse_streamed
+from pipeline.streaming import SafetensorsSource, StateDictSource, empty_model, is_materialized, open_model
+from test_checkpoint import QUAROT
+from test_invariance import _random_per_layer_set
+from test_subspace import LAYERWISE, RESPIN, _subspace
+
+CALIB = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
+
+
+def _rotations(name: str, method: MethodSpec, model):
+    if method.per_layer:
+        return _random_per_layer_set(load_model(model_cfg(name))[0].double(), seed=3)
+    return make_rotations(method, model)
+
+
+def _whole_and_streamed(tmp_path, name, method, rank, quant, source_of=None):
+    """The in-memory fuse saved, and the streamed fuse of the same weights, as two checkpoint folders."""
+    model, tok = load_model(model_cfg(name))
+    fingerprint = model_fingerprint(model)
+    rotations = _rotations(name, method, model)
+    sub = _subspace(model, rotations, rank) if rank is not None else None
+    original = load_model(model_cfg(name))[0]
+    prepare_model(model, method, rotations, quant, sub, CALIB)
+    rows = activation_stats(model, CALIB[:2])
+    save_quantized(tmp_path / "whole", model, tok, method, quant, fingerprint)
+    config = copy.deepcopy(original.config)  # save_pretrained (source_of) adds keys to the config it saves
+    source = source_of(original, tmp_path) if source_of else StateDictSource(original.state_dict())
+    skeleton = empty_model(config, torch.float32)
+    assert model_fingerprint(skeleton) == fingerprint
+    streamed_rows = fuse_streamed(tmp_path / "streamed", skeleton, tok, source, method, rotations, quant,
+                                  fingerprint, sub, CALIB, CALIB[:2])
+    return rows, streamed_rows
+
+
+def _same_files(a, b) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("name,method,rank,weights", [
+    ("tiny_llama", QUAROT, None, "rtn"), ("tiny_llama", RESPIN, 8, "gptq"), ("tiny_llama", LAYERWISE, None, "gptq"),
+    ("tiny_qwen2", QUAROT, None, "gptq"), ("tiny_qwen2", RESPIN, "adaptive", "rtn"), ("tiny_qwen2", MethodSpec(name="rtn"), None, "rtn"),
+])
+def test_streamed_fuse_writes_the_whole_model_bytes(tmp_path, name, method, rank, weights):
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method=weights)
+    rows, streamed_rows = _whole_and_streamed(tmp_path, name, method, rank, quant)
+    _same_files(tmp_path / "whole", tmp_path / "streamed")
+    assert rows == streamed_rows  # activation statistics taken layer by layer are the same numbers
+
+
+def _saved_folder(model, tmp_path):
+    model.save_pretrained(tmp_path / "hf", max_shard_size="200KB")  # sharded, with an index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    return SafetensorsSource(tmp_path / "hf")
+
+
+def test_streamed_fuse_from_sharded_safetensors(tmp_path):
+    """A tied-embedding model saved as sharded safetensors (lm_head absent: it reads the embedding)."""
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method="gptq")
+    _whole_and_streamed(tmp_path, "tiny_llama", QUAROT, None, quant, source_of=_saved_folder)
+    _same_files(tmp_path / "whole", tmp_path / "streamed")
+
+
+def test_at_most_two_layers_materialised(tmp_path):
+    """A layer-count probe: whenever a layer is loaded, no more than two decoder layers hold weights."""
+    cfg = model_cfg("tiny_llama")
+    cfg.config.num_hidden_layers = cfg.num_hidden_layers = 5
+    original, tok = load_model(cfg)
+    fingerprint = model_fingerprint(original)
+    skeleton = empty_model(original.config, torch.float32)
+    layers = adapter_for(skeleton).layers(skeleton)
+    counts = []
+
+    def probe(model, i):
+        assert is_materialized(layers[i])
+        counts.append(sum(is_materialized(layer) for layer in layers))
+
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method="gptq")
+    fuse_streamed(tmp_path / "ckpt", skeleton, tok, StateDictSource(original.state_dict()), RESPIN,
+                  _random_per_layer_set(original.double(), seed=1), quant, fingerprint,
+                  _subspace(original, _random_per_layer_set(original, seed=1), 4), CALIB, CALIB[:1], on_layer=probe)
+    assert len(counts) == 5 and max(counts) <= 2
+    assert not any(is_materialized(layer) for layer in layers)  # every layer freed at the end
+
+
+@pytest.mark.parametrize("name,method,rank", [("tiny_llama", RESPIN, 4), ("tiny_qwen2", LAYERWISE, None)])
+def test_layer_sequential_perplexity_equals_whole_model(tmp_path, name, method, rank):
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
+    _whole_and_streamed(tmp_path, name, method, rank, quant)
+    windows = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(2))
+    whole = perplexity(load_quantized(tmp_path / "streamed"), windows)
+    model, reader = open_quantized(tmp_path / "streamed")
+    layers = adapter_for(model).layers(model)
+    assert not any(is_materialized(layer) for layer in layers)
+    assert perplexity_streamed(model, reader, windows) == whole
+    assert not any(is_materialized(layer) for layer in layers)
+
+
+def test_open_model_streams_a_local_folder(tmp_path):
+    original, _ = load_model(model_cfg("tiny_llama"))
+    original.save_pretrained(tmp_path / "hf")
+    from pipeline.models import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path / "hf")
+    cfg = model_cfg("tiny_llama")
+    cfg.path = str(tmp_path / "hf")
+    skeleton, tok, source = open_model(cfg, torch.float32)
+    assert isinstance(source, SafetensorsSource) and not is_materialized(skeleton)
+    assert model_fingerprint(skeleton) == model_fingerprint(original)
+
+
+def test_missing_source_shard_is_one_line(tmp_path):
+    original, _ = load_model(model_cfg("tiny_llama"))
+    source = _saved_folder(original, tmp_path)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / "hf" / victim).unlink()
+    with pytest.raises(PipelineError, match=f"{victim} is missing: the index"):
+        SafetensorsSource(tmp_path / "hf")
+    del source
+
+
+def test_folder_without_safetensors_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(PipelineError, match="streaming reads safetensors only"):
+        SafetensorsSource(tmp_path)
+
+
+def test_streamed_checkpoint_missing_shard_refused_before_any_layer(tmp_path):
+    quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
+    _whole_and_streamed(tmp_path, "tiny_llama", QUAROT, None, quant)
+    (tmp_path / "streamed" / shard_name(2, 2)).unlink()
+    model, reader = open_quantized(tmp_path / "streamed")
+    reader.load_layer(0)
+    with pytest.raises(PipelineError, match=f"{shard_name(2, 2)} is missing"):
+        reader.load_layer(1)
+    index = json.loads((tmp_path / "streamed" / INDEX).read_text())
+    assert shard_name(2, 2) in index["metadata"]["shard_sha256"]
+
+
+def test_stage_level_bad_inputs_are_one_line(tmp_path):
+    from test_bad_inputs import _one_line_error, _stage
+
+    _one_line_error(_stage(tmp_path, "fuse.py", "+model=tiny_llama", "device=cuda"), "device=cuda: this host has no")
+    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=maybe"),
+                    "eval.stream='maybe': choose true, false or auto")
+    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=true"),
+                    "zero-shot needs the whole model in memory")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
