@@ -95,6 +95,30 @@ def activation_stats(model: nn.Module, windows: torch.Tensor) -> list[dict]:
     return stats.rows()
 
 
+@torch.no_grad()
+def activation_stats_streamed(model: nn.Module, layers, windows: torch.Tensor) -> list[dict]:
+    """``activation_stats`` layer-sequentially: ``layers`` loads and frees each decoder layer of
+    ``model`` (``streaming.SourceLayers`` or ``checkpoint.CheckpointReader``); every window's hidden
+    states pass layer i with its linear inputs watched, then layer i is freed. Same rows as the
+    whole-model pass; memory is one layer plus the windows' hidden states."""
+    from .gptq import layer_inputs, run_layer
+
+    adapter = adapter_for(model)
+    stats = ActivationStats()
+    decoder = adapter.layers(model)
+    hidden, kwargs = layer_inputs(model, decoder[0], windows)
+    for i in tqdm(range(len(decoder)), desc="activation stats (layer-sequential)", unit="layer"):
+        layers.load_layer(i)
+        handles = stats.watch(decoder[i], i, adapter)
+        try:
+            hidden = run_layer(decoder[i], hidden, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        layers.release_layer(i)
+    return stats.rows()
+
+
 def summarize_stats(rows: list[dict]) -> dict[str, float]:
     """Model-level summary of ``activation_stats`` rows (what MLflow and the metrics files get)."""
     t = {k: torch.tensor([r[k] for r in rows]) for k in ("absmax", "kurtosis", "max_median_ratio")}

@@ -23,38 +23,16 @@ from tqdm.auto import tqdm
 from .act_stats import ActivationStats
 from .adapters import adapter_for
 from .artifacts import atomic_dir
-from .errors import PipelineError
 from .checkpoint import CheckpointWriter, checkpoint_config, layer_state, online_ops, rest_state
+from .errors import PipelineError
 from .fusion_bases import FusionBases
 from .gptq import gptq_layer, layer_inputs, run_layer
 from .methods import (MethodSpec, check_rotations, check_subspace, empty_transitions,
                       fuse_steps, prepare_head_base, prepare_layer_base, quantize_layer_rtn)
 from .quantizers import OFF_BITS, QuantSpec
 from .rotation_plan import embedding_steps, head_steps, layer_steps
-from .streaming import WeightSource, materialize, release
+from .streaming import SourceLayers, WeightSource
 from .transitions import attach_layer_transitions
-
-
-def load_head(model: nn.Module, source: WeightSource, dtype: torch.dtype, device: torch.device) -> None:
-    """Read the embedding, final norm and lm_head into the skeleton (a tied lm_head gets its own copy
-    of the embedding) and put the rotary buffers on ``device``."""
-    adapter = adapter_for(model)
-    emb_prefix = _prefix(model, adapter.embedding(model))
-    head_prefix = _prefix(model, adapter.lm_head(model))
-    materialize(adapter.embedding(model), emb_prefix, source, dtype, device)
-    materialize(adapter.lm_head(model), head_prefix, source, dtype, device,
-                aliases={f"{head_prefix}weight": f"{emb_prefix}weight"})
-    parent, attr, _ = adapter.final_norm_site(model)
-    norm = getattr(parent, attr)
-    materialize(norm, _prefix(model, norm), source, dtype, device)
-    adapter.rotary(model).to(device)
-
-
-def _prefix(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return f"{name}." if name else ""
-    raise ValueError("module not in model")
 
 
 @torch.no_grad()
@@ -85,7 +63,8 @@ def fuse_streamed(
     if gptq and calib is None:
         raise PipelineError("quant.weight_method=gptq needs calibration windows (run the calibrate stage)")
 
-    load_head(model, source, dtype, device)
+    loader = SourceLayers(model, source, device)
+    loader.load_head()
     prepare_head_base(model, adapter, method)
     bases = FusionBases(rotations, dims.n_layers, subspace if method.transition == "low_rank" else None, device, dtype)
     fuse_steps(embedding_steps(model, adapter), bases.embedding())
@@ -101,7 +80,7 @@ def fuse_streamed(
     with atomic_dir(folder) as staging:
         writer = CheckpointWriter(staging, dims.n_layers, fingerprint)
         for i, layer in enumerate(tqdm(layers, desc=f"fuse {method.name}", unit="layer")):
-            materialize(layer, adapter.layer_prefix(i), source, dtype, device)
+            loader.load_layer(i)
             prepare_layer_base(layer, adapter, method, quant)
             layer_bases, layer_transitions = bases.layer(i)
             fuse_steps(layer_steps(layer, i, adapter), layer_bases)
@@ -127,7 +106,7 @@ def fuse_streamed(
                 h.remove()
             for name in layer_transitions:
                 delattr(transitions, name)
-            release(layer)
+            loader.release_layer(i)
         fuse_steps(head_steps(model, adapter), bases.head())
         writer.write(dims.n_layers + 1, rest_state(model, adapter))
         kind = bases.transitions

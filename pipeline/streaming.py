@@ -136,6 +136,46 @@ def is_materialized(module: nn.Module) -> bool:
     return any(p.device.type != "meta" for p in module.parameters())
 
 
+class SourceLayers:
+    """Loads and frees the decoder layers of an original (unquantized) model skeleton from its weight
+    source: the ``load_layer(i)`` / ``release_layer(i)`` pair that ``checkpoint.CheckpointReader`` also
+    offers, so layer-sequential passes (perplexity, activation statistics) take either."""
+
+    def __init__(self, model: nn.Module, source: WeightSource, device: torch.device) -> None:
+        from .adapters import adapter_for
+
+        self.model, self.source, self.device = model, source, torch.device(device)
+        self.adapter = adapter_for(model)
+        self.dtype = self.adapter.embedding(model).weight.dtype
+        self.n_layers = self.adapter.dims(model).n_layers
+
+    def load_head(self) -> None:
+        """The embedding, final norm and lm_head (a tied lm_head reads the embedding), rotary on the device."""
+        adapter, model = self.adapter, self.model
+        emb, head = _prefix(model, adapter.embedding(model)), _prefix(model, adapter.lm_head(model))
+        materialize(adapter.embedding(model), emb, self.source, self.dtype, self.device)
+        materialize(adapter.lm_head(model), head, self.source, self.dtype, self.device,
+                    aliases={f"{head}weight": f"{emb}weight"})
+        norm = getattr(*adapter.final_norm_site(model)[:2])
+        materialize(norm, _prefix(model, norm), self.source, self.dtype, self.device)
+        adapter.rotary(model).to(self.device)
+
+    def load_layer(self, i: int) -> None:
+        materialize(self.adapter.layers(self.model)[i], self.adapter.layer_prefix(i), self.source,
+                    self.dtype, self.device)
+
+    def release_layer(self, i: int) -> None:
+        release(self.adapter.layers(self.model)[i])
+
+
+def _prefix(model: nn.Module, module: nn.Module) -> str:
+    """``module``'s state-dict prefix inside ``model`` (``model.embed_tokens.``)."""
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module not in model")
+
+
 def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSource]:
     """The configured model as ``(skeleton, tokenizer, weight source)``: nothing of its weights is read.
 

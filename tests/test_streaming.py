@@ -171,3 +171,51 @@ def test_stage_level_bad_inputs_are_one_line(tmp_path):
     _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=true"),
                     "zero-shot needs the whole model in memory")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
+
+
+def test_layer_sequential_activation_stats_equal_whole_model():
+    from pipeline.act_stats import activation_stats_streamed
+    from pipeline.streaming import SourceLayers
+
+    windows = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))
+    for name in ("tiny_llama", "tiny_qwen2"):
+        original, _ = load_model(model_cfg(name))
+        skeleton = empty_model(copy.deepcopy(original.config), torch.float32)
+        layers = SourceLayers(skeleton, StateDictSource(original.state_dict()), torch.device("cpu"))
+        layers.load_head()
+        assert activation_stats_streamed(skeleton, layers, windows) == activation_stats(original, windows)
+        assert not any(is_materialized(layer) for layer in adapter_for(skeleton).layers(skeleton))
+
+
+def test_lazy_rotation_set_approximates_like_the_loaded_one(tmp_path):
+    from pipeline.artifacts import open_tensors, save_tensors
+    from pipeline.subspace import ApproxSpec, approximate_rotations
+
+    model, _ = load_model(model_cfg("tiny_llama"))
+    rotations = {k: v.to(torch.float32) for k, v in _random_per_layer_set(model.double(), seed=2).items()}
+    save_tensors(tmp_path / "set.safetensors", rotations, {"fingerprint": "x"})
+    lazy, _ = open_tensors(tmp_path / "set.safetensors", "x")
+    eager, rows = approximate_rotations(rotations, 2, ApproxSpec(rank=8), progress=False)
+    streamed, lazy_rows = approximate_rotations(lazy, 2, ApproxSpec(rank=8), progress=False)
+    assert rows == lazy_rows and all(torch.equal(eager[k], streamed[k]) for k in eager)
+
+
+def test_scale_bench_runs_every_stage_on_a_random_shape(tmp_path):
+    """The benchmark command on the tiny shape: a random checkpoint, every stage as its own process,
+    one row each with the stage's own peak RSS (the Llama-3-8B run is a benchmark, not a test)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SHARED_DATA
+
+    env = {**os.environ, "RSQ_CACHE_DIR": str(tmp_path / "cache"), "RSQ_DATA_DIR": str(SHARED_DATA)}
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.scale_bench", "--shape", "tiny_llama", "--dtype", "float32",
+                           "--calib-seqlen", "64", "--eval-seqlen", "128", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["stage"] for r in rows] == ["calibrate", "rotate_global", "fuse", "eval"]
+    assert all(r["weights"] == "random" and r["peak_rss_gib"] > 0 and r["seconds"] > 0 for r in rows)
+    assert (tmp_path / "cache" / "random" / "tiny_llama-seed0" / "model.safetensors.index.json").is_file()

@@ -1,30 +1,36 @@
-"""calibrate: tokenize calibration text, sample windows, and record the original model's outliers."""
+"""calibrate: tokenize calibration text, sample windows, and record the original model's outliers.
+
+The statistics are taken layer-sequentially (``act_stats.activation_stats_streamed``): the model's
+weights are read one decoder layer at a time, so a model larger than memory is calibrated too."""
 from __future__ import annotations
 
 import mlflow
 from omegaconf import DictConfig
 
 from .. import devices, paths
-from ..act_stats import activation_stats, summarize_stats
+from ..act_stats import activation_stats_streamed, summarize_stats
 from ..artifacts import save_tensors, write_csv, write_json
 from ..data import calibration_text, check_seqlen, sample_windows, text_digest, tokenize
 from ..errors import PipelineError
-from ..models import load_model, max_positions, model_fingerprint
+from ..models import max_positions, model_fingerprint
+from ..streaming import SourceLayers, open_model
 from ..tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
     if not 1 <= cfg.calib.stats_windows <= cfg.calib.n_windows:
         raise PipelineError(f"calib.stats_windows={cfg.calib.stats_windows}: must be 1..calib.n_windows")
-    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
-    model, tok = load_model(cfg.model, device)
+    device, dtype = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    model, tok, source = open_model(cfg.model, dtype)
     check_seqlen(cfg.calib.seqlen, max_positions(model), "calib.seqlen")
     fingerprint = model_fingerprint(model)
     with stage_run(cfg, "calibrate"):
         text = calibration_text(cfg.data)
         ids = tokenize(text, tok)
         windows = sample_windows(ids, cfg.calib.n_windows, cfg.calib.seqlen, cfg.seed)
-        rows = activation_stats(model, windows[: cfg.calib.stats_windows].to(device))  # saved ones stay on the CPU
+        layers = SourceLayers(model, source, device)
+        layers.load_head()
+        rows = activation_stats_streamed(model, layers, windows[: cfg.calib.stats_windows])
         save_tensors(
             paths.calib_windows(cfg), {"windows": windows},
             {"fingerprint": fingerprint, "model": cfg.model.name, "source": cfg.data.calib_source},
