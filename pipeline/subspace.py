@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
@@ -207,15 +208,36 @@ def approximate_set(
     return tensors, rows
 
 
+class _Orthonormalized(Mapping):
+    """A rotation set's bases, each read and orthonormalised in float64 (on ``device``) when asked for:
+    the chain needs one at a time, so a Llama-3-8B per-layer set is never all in memory."""
+
+    def __init__(self, rotations: Mapping[str, torch.Tensor], device: torch.device | None) -> None:
+        self.rotations, self.device = rotations, device
+        self._keys = [k for k in rotations.keys() if not k.startswith("R2.")]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from .cayley import orthonormalize
+
+        if key not in self._keys:
+            raise KeyError(key)
+        return orthonormalize(self.rotations[key].to(self.device, torch.float64))
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def approximate_rotations(
-    rotations: dict[str, torch.Tensor], n_layers: int, spec: ApproxSpec, progress: bool = True
+    rotations: Mapping[str, torch.Tensor], n_layers: int, spec: ApproxSpec, progress: bool = True,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """:func:`approximate_set` on a trained per-layer rotation set as stored (``A.i``, ``B.i`` (D, D),
-    any float dtype; ``R2.*`` ignored): the bases are first orthonormalised in float64."""
-    from .cayley import orthonormalize
-
-    bases = {k: orthonormalize(v.to(torch.float64)) for k, v in rotations.items() if not k.startswith("R2.")}
-    return approximate_set(bases, n_layers, spec, progress)
+    any float dtype; ``R2.*`` ignored; a lazy ``artifacts.LazyTensors`` too): each basis is read and
+    orthonormalised in float64 on ``device`` (default: where it is stored) when the chain reaches it."""
+    return approximate_set(_Orthonormalized(rotations, device), n_layers, spec, progress)
 
 
 def chained_bases(A0: torch.Tensor, Q: dict[str, torch.Tensor], M: dict[str, torch.Tensor],

@@ -215,3 +215,14 @@ def test_report_without_eval_metrics_is_one_line(tmp_path):
 def test_bad_zeroshot_settings_fail_before_any_model_work(tmp_path, override, expected):
     _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", override), expected)
     assert not (tmp_path / "m").exists()
+
+
+def test_hand_run_respinquant_training_runs(tmp_path):
+    """method=respinquant by hand: its global stage trains like layerwise's (it used to stop with
+    'transition=low_rank needs per_layer=true')."""
+    common = ["+model=tiny_llama", "method=respinquant", "calib.n_windows=2", "calib.seqlen=64",
+              "calib.stats_windows=1", "train.steps=1", "train.batch_size=1", "train.checkpoint_every=0"]
+    assert _stage(tmp_path, "calibrate.py", *common).returncode == 0
+    proc = _stage(tmp_path, "train_rotation.py", *common)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert (tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "global.safetensors").is_file()

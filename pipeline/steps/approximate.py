@@ -8,11 +8,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import devices, paths
-from ..artifacts import load_tensors, save_tensors, write_csv, write_json
+from ..artifacts import open_tensors, save_tensors, write_csv, write_json
 from ..config import select_variant
 from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations
-from ..models import load_model, model_fingerprint
+from ..models import model_fingerprint
+from ..streaming import open_model
 from ..subspace import ApproxSpec, approximate_rotations, rotation_digest, summarize
 from ..tracking import stage_run
 
@@ -23,19 +24,19 @@ def run(cfg: DictConfig) -> None:
     if method.transition != "low_rank":
         raise PipelineError(f"method {method.name} has no low-rank transitions: approximate does not apply")
     spec = ApproxSpec.from_cfg(cfg.approx)
-    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
-    model, _ = load_model(cfg.model, device)
+    device, dtype = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    model, _, _ = open_model(cfg.model, dtype)  # the skeleton: sizes and fingerprint, no weights read
     fingerprint = model_fingerprint(model)
     dims = model.config
     if isinstance(spec.rank, int) and spec.rank > dims.hidden_size:
         raise PipelineError(f"approx.rank={spec.rank} exceeds the hidden size {dims.hidden_size} of {cfg.model.name}")
-    rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
+    rotations, _ = open_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
     with stage_run(cfg, "approximate", name):
-        # the float64 eigh/SVD math runs on the device (factory calls inside default to it too)
+        # the float64 eigh/SVD math runs on the device (factory calls inside default to it too), one
+        # basis read from disk at a time
         with device:
-            tensors, rows = approximate_rotations({k: v.to(device) for k, v in rotations.items()},
-                                                  dims.num_hidden_layers, spec)
+            tensors, rows = approximate_rotations(rotations, dims.num_hidden_layers, spec, device=device)
         summary = summarize(rows)
         meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
                 "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True))}

@@ -23,6 +23,7 @@ from ..devices import check_dtype, resolve_device, resolve_dtype
 from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations, make_rotations, per_layer_bases, prepare_base, quant_spec
 from ..models import load_model, model_fingerprint
+from ..streaming import open_model
 from ..tracking import stage_run
 from ..train import TrainSpec, TrainState, train_rotations
 from ..trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
@@ -63,10 +64,12 @@ def run(cfg: DictConfig) -> None:
     device = resolve_device(cfg.train.device, "train.device")
     if device.type == "cuda" and ddp.world_size_from_env() > 1:  # torchrun: one GPU per local rank
         device = resolve_device(f"cuda:{ddp.local_rank()}", "train.device")
-    check_dtype(device, resolve_dtype(cfg.model.get("dtype")))
-    model, _ = load_model(cfg.model)
+    dtype = resolve_dtype(cfg.model.get("dtype"))
+    check_dtype(device, dtype)
+    # untrained sets need only the model's sizes (its skeleton); training needs every weight
+    model = load_model(cfg.model)[0] if method.train else open_model(cfg.model, dtype)[0]
     fingerprint = model_fingerprint(model)
-    global_method = replace(method, per_layer=False)
+    global_method = replace(method, per_layer=False, transition="dense")
     if stage == "global":
         init = make_rotations(global_method, model)
     else:
