@@ -42,11 +42,18 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     scale = weight_scale(W, bits, mse_clip, group_size)  # static grid: groups stay contiguous under act-order
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(k, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    col_scale = expand(scale, k)[:, perm].to(torch.float32)
-    H += damp * torch.diagonal(H).mean() * torch.eye(k, dtype=H.dtype, device=H.device)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).to(torch.float32)
+    col_scale = expand(scale, k).to(torch.float32)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W, H, col_scale = W[:, perm], H[perm][:, perm], col_scale[:, perm]
+    # in place and one factor at a time: for Llama-3-8B's down_proj each (in, in) float64 copy is 1.6 GB
+    torch.diagonal(H).add_(damp * torch.diagonal(H).mean())
+    L = torch.linalg.cholesky(H)
+    del H
+    Hinv = torch.cholesky_inverse(L)
+    del L
+    Hinv = torch.linalg.cholesky(Hinv, upper=True).to(torch.float32)
     codes = torch.zeros_like(W, dtype=torch.int8)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -60,7 +67,7 @@ def gptq(
             W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
             err1[:, i : i + 1] = err
         W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
-    return codes[:, torch.argsort(perm)], scale
+    return (codes if perm is None else codes[:, torch.argsort(perm)]), scale
 
 
 class _Stop(Exception):
