@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .errors import PipelineError
 
@@ -77,13 +77,27 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def canonical_safetensors(raw: bytes) -> bytes:
+    """``raw`` safetensors bytes with the JSON header's keys sorted (metadata included).
+
+    safetensors writes its metadata map in no fixed order, so two runs that save the same tensors
+    wrote different bytes, and DVC took an unchanged artifact for a changed one. The data section is
+    untouched (its offsets are relative to it); the header is padded to 8 bytes as safetensors does.
+    """
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n :]
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Atomically write ``tensors`` with string ``metadata`` (must include ``fingerprint``)."""
     if "fingerprint" not in metadata:
         raise ValueError("artifact metadata must name the model fingerprint")
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    raw = save(flat, metadata={k: str(v) for k, v in metadata.items()})
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        tmp.write_bytes(canonical_safetensors(raw))
 
 
 def _existing(path: str | Path) -> Path:
