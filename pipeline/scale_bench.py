@@ -118,11 +118,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--work", default=None, help="artifacts/metrics of the run (default: under the cache dir)")
     parser.add_argument("--out", required=True, help="JSON list of rows to append to")
+    parser.add_argument("--write-only", action="store_true", help="only write the random checkpoint")
     args = parser.parse_args(argv)
     from .models import cache_dir
 
     root = cache_dir({})
-    folder = write_random_checkpoint(args.shape, root / "random" / f"{args.shape}-seed0")
+    folder = root / "random" / f"{args.shape}-seed0"
+    if args.write_only:
+        write_random_checkpoint(args.shape, folder)
+        return
+    # written by a child process: a child forked from a parent that had held the random tensors
+    # would start with (and report, in its peak RSS) the parent's resident set
+    subprocess.run([sys.executable, "-m", "pipeline.scale_bench", "--shape", args.shape, "--write-only",
+                    "--out", args.out], check=True)
     work = Path(args.work or root / "scale_bench" / args.shape)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = Path(args.out)

@@ -3,7 +3,7 @@
 ``fuse_streamed`` makes the same checkpoint as ``methods.prepare_model`` + ``checkpoint.save_quantized``
 (the same bytes: every weight goes through the same float64 steps in the same order), without ever
 holding more than one decoder layer: the skeleton (``streaming.empty_model``) keeps the embedding,
-final norm and lm_head; layer i is read from the weight source (safetensors, memory-mapped), its norms
+final norm and lm_head; layer i is read from the weight source (safetensors, a tensor at a time), its norms
 folded, R4 fused, online ops attached, its bases fused (``FusionBases``), its weights quantized (RTN,
 or GPTQ on the activations of the calibration windows carried from layer i - 1), its activation
 statistics taken, and its shard written; then its tensors are freed.

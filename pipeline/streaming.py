@@ -2,7 +2,7 @@
 
 A model that does not fit in memory still goes through a stage: the skeleton (``empty_model``) has
 every parameter on the meta device (no storage) and its real rotary buffers; ``materialize`` reads
-one module's tensors from a ``WeightSource`` (safetensors, memory-mapped) onto the compute device in
+one module's tensors from a ``WeightSource`` (safetensors, read a tensor at a time) onto the compute device in
 the compute dtype, and ``release`` frees them again. Peak memory is then one layer's working set
 plus what the stage keeps (embedding, lm_head, the windows' activations).
 
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .artifacts import SafetensorsFile
 from .errors import PipelineError
 
 INDEX = "model.safetensors.index.json"
@@ -50,7 +50,7 @@ class StateDictSource(WeightSource):
 
 class SafetensorsSource(WeightSource):
     """An HF model folder's safetensors, one file or shards named by ``model.safetensors.index.json``;
-    each file is opened once and memory-mapped, each tensor read when asked for."""
+    each file's header is read once, each tensor read (not memory-mapped) when asked for."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -78,20 +78,17 @@ class SafetensorsSource(WeightSource):
             path = self.folder / name
             if not path.is_file():
                 raise PipelineError(f"{path} is missing: the index {INDEX} names it")
-            try:
-                self._files[name] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise PipelineError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+            self._files[name] = SafetensorsFile(path)
         return self._files[name]
 
     def keys(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
-        try:
-            return self._open(self._where[name]).get_tensor(name)
-        except SafetensorError as exc:
-            raise PipelineError(f"{self.folder / self._where[name]}: cannot read {name} ({exc})") from None
+        file = self._open(self._where[name])
+        if name not in file.entries:
+            raise PipelineError(f"{file.path} lacks {name}, which {INDEX} places there")
+        return file.get(name)
 
 
 def empty_model(hf_config, dtype: torch.dtype) -> nn.Module:
