@@ -31,6 +31,9 @@ from .train_profile import SHAPES as PROFILE_SHAPES
 
 SHAPES = {
     "llama3_8b": PROFILE_SHAPES["llama3_8b"],
+    # Llama-3-8B's sizes cut to 2 decoder layers: a streamed stage's peak memory does not depend on the
+    # layer count, and its time grows with it (x 16 for the 32 layers)
+    "llama3_8b_2layers": {**PROFILE_SHAPES["llama3_8b"], "num_hidden_layers": 2},
     # Llama-3-70B's sizes cut to 2 decoder layers: its per-layer working set, to project 70B on one GPU
     "llama3_70b_2layers": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                                num_hidden_layers=2, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
