@@ -219,7 +219,8 @@ def hf_folder(path: str) -> Path:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = ("the hub is off (HF_HUB_OFFLINE=1)" if offline else str(exc).splitlines()[0][:160])
         raise PipelineError(
-            f"model.path={path!r} is neither a local folder nor a model in the HF cache "
-            f"({str(exc).splitlines()[0][:120]})" + ("; the hub is off (HF_HUB_OFFLINE=1)" if offline else "")
+            f"model.path={path!r} is neither a local folder nor a model in the HF cache ({why}): download it "
+            "(huggingface-cli download) or set model.path=/a/local/hf/folder"
         ) from None

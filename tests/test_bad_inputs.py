@@ -74,7 +74,7 @@ def test_llama3_composes_and_prints(tmp_path):
 
 def test_llama3_without_weights_is_one_line(tmp_path):
     proc = _stage(tmp_path, "train_rotation.py", "+model=llama3", env={"HF_HOME": str(tmp_path / "hf")})
-    _one_line_error(proc, "'meta-llama/Meta-Llama-3-8B' could not be loaded")
+    _one_line_error(proc, "'meta-llama/Meta-Llama-3-8B' is neither a local folder nor a model in the HF cache")
 
 
 def test_unknown_variant(tmp_path):
