@@ -151,7 +151,7 @@ def tensor_shape(tensors: Mapping[str, torch.Tensor], key: str) -> tuple[int, ..
     return tuple(tensors[key].shape)
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 
@@ -179,7 +179,7 @@ class SafetensorsFile:
             size = self.path.stat().st_size
             for name, info in header.items():
                 start, end = info["data_offsets"]
-                if info["dtype"] not in _DTYPES or not 0 <= start <= end <= size - self.base:
+                if info["dtype"] not in SAFETENSORS_DTYPES or not 0 <= start <= end <= size - self.base:
                     raise ValueError(f"bad entry {name}")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PipelineError(f"{self.path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
@@ -198,7 +198,7 @@ class SafetensorsFile:
             f.seek(self.base + start)
             if f.readinto(buf.numpy()) != end - start:
                 raise PipelineError(f"{self.path} is truncated: {key} lies past its end")
-        return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 class LazyTensors(Mapping):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .artifacts import atomic_dir, file_sha256, load_tensors
+from .artifacts import SAFETENSORS_DTYPES, atomic_dir, file_sha256, load_tensors
 from .errors import PipelineError
 from .methods import MethodSpec, attach_online_ops, empty_transitions, quant_spec
 from .models import DTYPES, model_fingerprint
@@ -76,8 +76,8 @@ def layer_state(model: nn.Module, adapter, i: int, bits: int) -> dict[str, torch
     state = packed_state(adapter.layers(model)[i], adapter.layer_prefix(i), bits)
     transitions = getattr(model, "rsq_transitions", None)
     if transitions is not None:
-        state.update({TRANSITIONS + name: buf for name, buf in transitions.named_buffers()
-                      if name.rsplit("_", 1)[1] == str(i)})
+        own = _transition_buffers(type(transitions), i)
+        state.update({TRANSITIONS + name: buf for name, buf in transitions.named_buffers() if name in own})
     return state
 
 
@@ -289,7 +289,8 @@ class CheckpointReader:
         extra = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
         for key, value in extra.items():
             name = key[len(TRANSITIONS):]
-            if not key.startswith(TRANSITIONS) or transitions is None or name.rsplit("_", 1)[-1] != str(i):
+            if (not key.startswith(TRANSITIONS) or transitions is None
+                    or name not in _transition_buffers(type(transitions), i)):
                 raise PipelineError(f"{where} holds {key}, which this model does not have")
             _check_finite(value, key, where)
             transitions.register_buffer(name, value.to(self.device))
@@ -377,13 +378,10 @@ def loaded_bytes(folder: str | Path) -> int:
                     if key.endswith(".linear.qweight"):
                         total += numel * unpacked * (2 if t.get_dtype() == "U8" else 1)
                     else:
-                        total += numel * _ITEMSIZE.get(t.get_dtype(), 1)
+                        total += numel * SAFETENSORS_DTYPES[t.get_dtype()].itemsize
         except (OSError, ValueError) as exc:
             raise PipelineError(f"{folder / name} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
     return total
-
-
-_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
 
 
 def load_quantized(folder: str | Path, backend: str = "fake", device: torch.device | str = "cpu") -> nn.Module:
