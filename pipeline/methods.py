@@ -23,7 +23,8 @@ from .online import OnlineAttention, QuantLinear, use_online_attention
 from .quantizers import OFF_BITS, ActQuantizer, QuantSpec
 from .fusion_bases import FusionBases
 from .rotation_plan import embedding_steps, head_steps, layer_steps, transform_tensor, transition_chain
-from .surgery import fold_final_norm, fold_layer_norms, fuse_r4, replace_final_norm, replace_layer_norms, untie_embeddings
+from .surgery import (F64_CHUNK_ELEMENTS, fold_final_norm, fold_layer_norms, fuse_r4, head_cols, in_float64, reader,
+                      replace_final_norm, replace_layer_norms, untie_embeddings)
 from .transitions import DenseTransitions, LowRankTransitions, attach_transition_module
 from .weight_quant import dequantize, rtn
 
@@ -200,11 +201,17 @@ def check_subspace(subspace: dict[str, torch.Tensor], model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fuse_steps(steps: list, bases: dict[str, torch.Tensor]) -> None:
-    """Apply rotation-plan ``steps`` to their tensors in float64 with ``bases`` (float64), in place."""
+def fuse_steps(steps: list, bases: dict[str, torch.Tensor], chunk_elements: int = F64_CHUNK_ELEMENTS) -> None:
+    """Apply rotation-plan ``steps`` to their tensors in float64 with ``bases`` (float64), in place.
+
+    A tensor whose transforms act on each row alone (``reader``, ``head_cols``: the embedding, lm_head,
+    q/k/v, gate/up) goes through in row chunks of ``chunk_elements`` (``surgery.in_float64``), so
+    Llama-3-8B's (128256, 4096) embedding needs 64 MiB float64 chunks, not two 4.2 GB copies.
+    """
     for module, attr, transforms in steps:
-        t = getattr(module, attr)
-        t.copy_(transform_tensor(t.detach().to(torch.float64), transforms, bases).to(t.dtype))
+        rowwise = all(fn in (reader, head_cols) for fn, _ in transforms)
+        in_float64(getattr(module, attr), lambda t: transform_tensor(t, transforms, bases),
+                   chunk_elements if rowwise else None)
 
 
 def empty_transitions(kind: str) -> nn.Module | None:

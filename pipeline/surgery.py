@@ -19,6 +19,29 @@ def _f64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64)
 
 
+F64_CHUNK_ELEMENTS = 1 << 23  # float64 elements per row chunk of a large tensor (64 MiB)
+_ROW_ALIGN = 1024  # chunks start at multiples of 1024 rows: the whole product's bits on MKL/oneDNN here
+
+
+@torch.no_grad()
+def in_float64(t: torch.Tensor, fn, chunk_elements: int | None = F64_CHUNK_ELEMENTS) -> None:
+    """``t <- fn(t in float64)`` cast back to ``t``'s dtype, in place.
+
+    With ``chunk_elements`` (``fn`` must then act on each row alone), a 2-D ``t`` larger than that goes
+    through in chunks of whole rows, so peak memory is two chunks, not two float64 copies of ``t``
+    (Llama-3-8B's lm_head is 4.2 GB in float64). ``None``: the whole tensor at once.
+    """
+    rows = t.shape[0] if t.dim() else 1
+    if chunk_elements is not None and t.dim() == 2 and t.numel() > chunk_elements:
+        rows = max(_ROW_ALIGN, chunk_elements // t.shape[1] // _ROW_ALIGN * _ROW_ALIGN)
+    if t.dim() == 0 or rows >= t.shape[0]:
+        t.copy_(fn(_f64(t)).to(t.dtype))
+        return
+    for start in range(0, t.shape[0], rows):
+        part = t[start:start + rows]
+        part.copy_(fn(_f64(part)).to(t.dtype))
+
+
 # --- pure transforms on tensors: applied in float64 by methods.apply_rotation_set (fuse) and on the
 # fly with autograd by trainable.py (training), both through rotation_plan
 
@@ -72,7 +95,7 @@ def _fold_site(parent: nn.Module, attr: str, readers: list[nn.Linear]) -> None:
     norm = getattr(parent, attr)
     gamma = _f64(norm.weight)
     for linear in readers:
-        linear.weight.copy_((_f64(linear.weight) * gamma).to(linear.weight.dtype))
+        in_float64(linear.weight, lambda w: w * gamma)  # column scaling: rows apart
     folded = RMSNorm.from_hf(norm)
     folded.weight.fill_(1.0)
     setattr(parent, attr, folded)

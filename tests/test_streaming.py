@@ -219,3 +219,23 @@ def test_scale_bench_runs_every_stage_on_a_random_shape(tmp_path):
     assert [r["stage"] for r in rows] == ["calibrate", "rotate_global", "fuse", "eval"]
     assert all(r["weights"] == "random" and r["peak_rss_gib"] > 0 and r["seconds"] > 0 for r in rows)
     assert (tmp_path / "cache" / "random" / "tiny_llama-seed0" / "model.safetensors.index.json").is_file()
+
+
+def test_large_tensors_fuse_in_row_chunks_with_the_whole_products_values(monkeypatch):
+    """A (3000, 64) embedding over the chunk size goes through in 1024-row chunks (three float64
+    products, none of the whole tensor) and ends equal to ``W @ R``; a writer (rows mixed) is whole."""
+    import pipeline.methods as methods
+    from pipeline.surgery import reader, writer
+
+    g = torch.Generator().manual_seed(0)
+    emb, out = torch.nn.Embedding(3000, 64).double(), torch.nn.Linear(3000, 64, bias=False).double()
+    W, V = emb.weight.detach().clone(), out.weight.detach().clone()
+    R = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    shapes = []
+    real = methods.transform_tensor
+    monkeypatch.setattr(methods, "transform_tensor", lambda t, *a: shapes.append(tuple(t.shape)) or real(t, *a))
+    methods.fuse_steps([(emb, "weight", [(reader, "A.0")]), (out, "weight", [(writer, "A.0")])], {"A.0": R},
+                       chunk_elements=64 * 1024)
+    assert shapes == [(1024, 64), (1024, 64), (952, 64), (64, 3000)]
+    torch.testing.assert_close(emb.weight, W @ R, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.weight, R.T @ V, rtol=0, atol=1e-12)
