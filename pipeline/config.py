@@ -46,6 +46,7 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
                 if cfg.get("model") is None:
                     choices = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
                     raise PipelineError(f"no model selected: add +model=NAME (one of {choices})")
+                resolve_auto_dtype(cfg)
                 task(cfg)
             except PipelineError as exc:
                 logging.getLogger("pipeline").debug("stage failed", exc_info=True)
@@ -55,6 +56,18 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
         _run()
 
     return main
+
+
+def resolve_auto_dtype(cfg: DictConfig) -> None:
+    """``model.dtype=auto`` -> the concrete dtype for the run's ``device`` (``devices.auto_dtype``), in
+    place, so the stage, its artifacts and MLflow's params all name the dtype that was used."""
+    from . import devices
+
+    if str(cfg.model.get("dtype")) == "auto":
+        dtype = devices.resolve_dtype("auto", device=devices.resolve_device(cfg.get("device")))
+        with open_dict(cfg):
+            cfg.model.dtype = devices.dtype_name(dtype)
+        logging.getLogger("pipeline").info("model.dtype=auto: %s on this host", cfg.model.dtype)
 
 
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",

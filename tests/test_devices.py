@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ def test_unknown_device_names_the_key(name):
 def test_dtypes():
     assert devices.resolve_dtype(None) is torch.float32
     assert devices.resolve_dtype("bfloat16") is torch.bfloat16
-    with pytest.raises(PipelineError, match=r"^model\.dtype=int8: choose one of float32, float64, bfloat16, float16$"):
+    with pytest.raises(PipelineError, match=r"^model\.dtype=int8: choose auto or one of float32, float64, bfloat16, float16$"):
         devices.resolve_dtype("int8")
     assert models.DTYPES is devices.DTYPES  # one table: other modules import models.DTYPES
     for dtype in (torch.float32, torch.bfloat16):
@@ -59,12 +60,31 @@ def test_cpu_native_bf16_is_a_bool():
     assert isinstance(devices.cpu_native_bf16(), bool)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert devices.resolve_dtype("auto", device=torch.device("cpu")) is expected
+    assert devices.setup("cpu", "auto") == (torch.device("cpu"), expected)
+
+
+def test_auto_dtype_is_resolved_before_the_stage_and_named_in_its_outputs(tmp_path):
+    """``model.dtype=auto`` reaches the stage (and its artifacts) as the concrete dtype of this host."""
+    for script in ("calibrate.py", "train_rotation.py", "fuse.py"):
+        proc = _stage(tmp_path, script, "+model=tiny_llama", "method=quarot", "quant=w16a16", "model.dtype=auto",
+                      "device=cpu", "calib.n_windows=2", "calib.seqlen=32", "calib.stats_windows=1")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = "bfloat16" if devices.cpu_native_bf16() else "float32"
+    configs = list((tmp_path / "a" / "fused").glob("*/rsq_config.json"))
+    assert len(configs) == 1 and json.loads(configs[0].read_text())["dtype"] == expected
+
+
 def test_load_model_on_a_device_and_bad_dtype():
     model, _ = models.load_model(model_cfg("tiny_llama"), torch.device("cpu"))
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     cfg = model_cfg("tiny_llama")
     cfg.dtype = "int8"
-    with pytest.raises(PipelineError, match=r"^model\.dtype=int8: choose one of"):
+    with pytest.raises(PipelineError, match=r"^model\.dtype=int8: choose auto or one of"):
         models.load_model(cfg)
 
 
@@ -80,7 +100,7 @@ def test_cuda_on_a_cpu_host_is_one_line_before_any_work(tmp_path):
 
 def test_bad_dtype_is_one_line(tmp_path):
     proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.dtype=int8")
-    _exit_2_one_line(proc, "error: model.dtype=int8: choose one of float32, float64, bfloat16, float16")
+    _exit_2_one_line(proc, "error: model.dtype=int8: choose auto or one of float32, float64, bfloat16, float16")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
 
 
