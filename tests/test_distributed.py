@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
@@ -40,3 +42,40 @@ def test_two_ranks_equal_single_process(tmp_path):
 
     start = orthogonal_hadamard(192, seed=0, dtype=torch.float32)
     assert (single["R1"] - start).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("checkpointing", ["false", "true"])
+def test_fsdp2_two_ranks_equal_single_process(tmp_path, checkpointing):
+    """train.fsdp=true: each of 2 gloo ranks holds half the frozen weights (FSDP2 per decoder layer),
+    and the trained rotations equal one process's (also with activation checkpointing, which
+    re-gathers each layer for its recomputed forward)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RSQ_DATA_DIR": str(SHARED_DATA),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+    stage = str(ROOT / "stages" / "train_rotation.py")
+    common = [f"paths.artifacts={tmp_path / 'a'}", *TINY]
+    _run([sys.executable, str(ROOT / "stages" / "calibrate.py"), *common, f"paths.metrics={tmp_path / 'm'}"],
+         tmp_path, env)
+    _run([sys.executable, stage, *common, f"paths.metrics={tmp_path / 'single'}"], tmp_path, env)
+    single, _ = load_tensors(tmp_path / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", stage,
+                           *common, "train.fsdp=true", f"train.grad_checkpointing={checkpointing}",
+                           f"paths.metrics={tmp_path / 'fsdp'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    fsdp, _ = load_tensors(tmp_path / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors")
+    shards = re.findall(r"FSDP2: (\d+) decoder layers sharded over 2 ranks: ([\d.]+) MiB of parameters on rank (\d) "
+                        r"\(of ([\d.]+) MiB\)", proc.stdout + proc.stderr)
+    assert sorted(int(r) for _, _, r, _ in shards) == [0, 1], proc.stdout[-2000:] + proc.stderr[-2000:]
+    for layers, mine, _, full in shards:
+        assert int(layers) == 2 and float(mine) <= 0.55 * float(full)
+    assert single.keys() == fsdp.keys()
+    moved = max((single[k] - fsdp[k]).abs().max().item() for k in single)
+    assert moved < 1e-4, moved
+
+
+def test_fsdp_without_torchrun_is_one_line(tmp_path):
+    from test_bad_inputs import _one_line_error, _stage
+
+    proc = _stage(tmp_path, "train_rotation.py", *TINY, "train.fsdp=true")
+    _one_line_error(proc, "error: train.fsdp=true shards the model over torchrun's ranks")
+    assert not (tmp_path / "a" / "rotations").exists()

@@ -64,8 +64,12 @@ def run(cfg: DictConfig) -> None:
     device = resolve_device(cfg.train.device, "train.device")
     if device.type == "cuda" and ddp.world_size_from_env() > 1:  # torchrun: one GPU per local rank
         device = resolve_device(f"cuda:{ddp.local_rank()}", "train.device")
-    dtype = resolve_dtype(cfg.model.get("dtype"))
+    dtype = resolve_dtype(cfg.model.get("dtype"), device=device)
     check_dtype(device, dtype)
+    fsdp = bool(cfg.train.get("fsdp", False)) and method.train
+    if fsdp and ddp.world_size_from_env() < 2:
+        raise PipelineError("train.fsdp=true shards the model over torchrun's ranks: launch the stage with "
+                            "`torchrun --nproc_per_node=N` (N >= 2), or set train.fsdp=false")
     # untrained sets need only the model's sizes (its skeleton); training needs every weight
     model = load_model(cfg.model)[0] if method.train else open_model(cfg.model, dtype)[0]
     fingerprint = model_fingerprint(model)
@@ -100,6 +104,7 @@ def run(cfg: DictConfig) -> None:
         enable_checkpointing(model)
     rotations = TrainableRotations(init).to(device)
     parametrize_rotations(model, adapter, rotations, train_quant)
+    param_bytes = ddp.shard_layers(model, adapter.layers(model), device) if fsdp else None
     windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
     windows = windows["windows"].to(device)
     # a checkpoint resumes only the very same run: same settings, ranks, calibration tokens and start
@@ -137,6 +142,8 @@ def run(cfg: DictConfig) -> None:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "orthogonality_error_fp32": rotations.max_orthogonality_error(),
         }
+        if param_bytes is not None:
+            metrics["fsdp_param_mib_per_rank"] = param_bytes / 2**20
         if device.type == "cuda":
             metrics["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         mlflow.log_metrics(metrics)
