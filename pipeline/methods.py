@@ -161,11 +161,13 @@ def prepare_head_base(model: nn.Module, adapter: DecoderAdapter, method: MethodS
     """``prepare_base`` for what is not a decoder layer: untie lm_head, fold (or replace) the final norm,
     route attention through the online ops."""
     untie_embeddings(model, adapter)  # every method: one checkpoint layout for all
-    if method.rotates:
-        fold_final_norm(model, adapter)
-    else:
-        replace_final_norm(model, adapter)
+    prepare_output_base(model, adapter, method)
     use_online_attention(model)
+
+
+def prepare_output_base(model: nn.Module, adapter: DecoderAdapter, method: MethodSpec) -> None:
+    """The final norm: folded into lm_head for a rotating method, else made dtype-faithful."""
+    (fold_final_norm if method.rotates else replace_final_norm)(model, adapter)
 
 
 def prepare_base(model: nn.Module, method: MethodSpec, quant: QuantSpec) -> DecoderAdapter:

@@ -8,11 +8,13 @@ folded, R4 fused, online ops attached, its bases fused (``FusionBases``), its we
 or GPTQ on the activations of the calibration windows carried from layer i - 1), its activation
 statistics taken, and its shard written; then its tensors are freed.
 
-Peak memory: one layer (plus its GPTQ Hessians), the embedding and lm_head, a few D x D float64 bases,
-and the activations of the calibration windows (N x T x D).
+Peak memory: one layer (plus its GPTQ Hessians), a few D x D float64 bases, and the activations of
+the calibration windows (N x T x D). The embedding is held only to embed the windows (then parked on
+disk until the last shard) and lm_head only at the end: at Llama-3-8B shapes each is 1 GB in bf16.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -27,11 +29,13 @@ from .checkpoint import CheckpointWriter, checkpoint_config, layer_state, online
 from .errors import PipelineError
 from .fusion_bases import FusionBases
 from .gptq import gptq_layer, layer_inputs, run_layer
-from .methods import (MethodSpec, check_rotations, check_subspace, empty_transitions,
-                      fuse_steps, prepare_head_base, prepare_layer_base, quantize_layer_rtn)
+from .methods import (MethodSpec, check_rotations, check_subspace, empty_transitions, fuse_steps,
+                      prepare_layer_base, prepare_output_base, quantize_layer_rtn)
+from .online import use_online_attention
 from .quantizers import OFF_BITS, QuantSpec
 from .rotation_plan import embedding_steps, head_steps, layer_steps
-from .streaming import SourceLayers, WeightSource
+from .streaming import Parked, SourceLayers, WeightSource
+from .surgery import untie_embeddings
 from .transitions import attach_layer_transitions
 
 
@@ -64,8 +68,9 @@ def fuse_streamed(
         raise PipelineError("quant.weight_method=gptq needs calibration windows (run the calibrate stage)")
 
     loader = SourceLayers(model, source, device)
-    loader.load_head()
-    prepare_head_base(model, adapter, method)
+    untie_embeddings(model, adapter)  # on the skeleton: lm_head gets its own (meta) weight, read at the end
+    use_online_attention(model)
+    loader.load_embedding()
     bases = FusionBases(rotations, dims.n_layers, subspace if method.transition == "low_rank" else None, device, dtype)
     fuse_steps(embedding_steps(model, adapter), bases.embedding())
     transitions = empty_transitions(bases.transitions)
@@ -77,7 +82,8 @@ def fuse_streamed(
     if stats_windows is not None and len(stats_windows):
         observed, stats_kwargs = layer_inputs(model, layers[0], stats_windows)
     ranks: dict[str, int] = {}
-    with atomic_dir(folder) as staging:
+    with atomic_dir(folder) as staging, tempfile.TemporaryDirectory(dir=staging.parent, prefix=".parked-") as spare:
+        parked = Parked(adapter.embedding(model), spare)  # not needed again until the last shard
         writer = CheckpointWriter(staging, dims.n_layers, fingerprint)
         for i, layer in enumerate(tqdm(layers, desc=f"fuse {method.name}", unit="layer")):
             loader.load_layer(i)
@@ -107,7 +113,10 @@ def fuse_streamed(
             for name in layer_transitions:
                 delattr(transitions, name)
             loader.release_layer(i)
+        loader.load_output()
+        prepare_output_base(model, adapter, method)
         fuse_steps(head_steps(model, adapter), bases.head())
+        parked.restore()
         writer.write(dims.n_layers + 1, rest_state(model, adapter))
         kind = bases.transitions
         writer.finish(checkpoint_config(method, quant, online_ops(dims, method, kind, ranks or None), dtype,

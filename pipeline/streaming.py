@@ -148,14 +148,24 @@ class SourceLayers:
 
     def load_head(self) -> None:
         """The embedding, final norm and lm_head (a tied lm_head reads the embedding), rotary on the device."""
+        self.load_embedding()
+        self.load_output()
+
+    def load_embedding(self) -> None:
+        """The embedding, and rotary on the device: what a forward needs up to the first layer."""
+        adapter, model = self.adapter, self.model
+        materialize(adapter.embedding(model), _prefix(model, adapter.embedding(model)), self.source, self.dtype,
+                    self.device)
+        adapter.rotary(model).to(self.device)
+
+    def load_output(self) -> None:
+        """The final norm and lm_head (a tied lm_head reads the embedding's stored tensor)."""
         adapter, model = self.adapter, self.model
         emb, head = _prefix(model, adapter.embedding(model)), _prefix(model, adapter.lm_head(model))
-        materialize(adapter.embedding(model), emb, self.source, self.dtype, self.device)
         materialize(adapter.lm_head(model), head, self.source, self.dtype, self.device,
                     aliases={f"{head}weight": f"{emb}weight"})
         norm = getattr(*adapter.final_norm_site(model)[:2])
         materialize(norm, _prefix(model, norm), self.source, self.dtype, self.device)
-        adapter.rotary(model).to(self.device)
 
     def load_layer(self, i: int) -> None:
         materialize(self.adapter.layers(self.model)[i], self.adapter.layer_prefix(i), self.source,
@@ -199,3 +209,21 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
     except (OSError, ValueError) as exc:
         raise PipelineError(f"model {folder} could not be read ({str(exc).splitlines()[0][:160]})") from None
     return empty_model(config, dtype), tok, SafetensorsSource(folder)
+
+
+class Parked:
+    """A module's tensors set aside on disk while a stage does not need them (``release``d), read back
+    bit for bit by ``restore``: the streamed fuse parks the fused embedding during the layer loop."""
+
+    def __init__(self, module: nn.Module, folder: str | Path) -> None:
+        from .artifacts import save_tensors
+
+        self.module, self.folder = module, Path(folder)
+        param = next(module.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        save_tensors(self.folder / SINGLE, module.state_dict(), {"fingerprint": "parked"})
+        release(module)
+
+    def restore(self) -> None:
+        materialize(self.module, "", SafetensorsSource(self.folder), self.dtype, self.device)
+        (self.folder / SINGLE).unlink()

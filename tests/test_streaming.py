@@ -85,7 +85,8 @@ def test_streamed_fuse_from_sharded_safetensors(tmp_path):
 
 
 def test_at_most_two_layers_materialised(tmp_path):
-    """A layer-count probe: whenever a layer is loaded, no more than two decoder layers hold weights."""
+    """A layer-count probe: whenever a layer is loaded, no more than two decoder layers hold weights, and
+    neither the embedding nor lm_head does."""
     cfg = model_cfg("tiny_llama")
     cfg.config.num_hidden_layers = cfg.num_hidden_layers = 5
     original, tok = load_model(cfg)
@@ -94,9 +95,13 @@ def test_at_most_two_layers_materialised(tmp_path):
     layers = adapter_for(skeleton).layers(skeleton)
     counts = []
 
+    adapter = adapter_for(skeleton)
+    heads = []
+
     def probe(model, i):
         assert is_materialized(layers[i])
         counts.append(sum(is_materialized(layer) for layer in layers))
+        heads.append((is_materialized(adapter.embedding(model)), is_materialized(adapter.lm_head(model))))
 
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method="gptq")
     fuse_streamed(tmp_path / "ckpt", skeleton, tok, StateDictSource(original.state_dict()), RESPIN,
@@ -104,6 +109,8 @@ def test_at_most_two_layers_materialised(tmp_path):
                   _subspace(original, _random_per_layer_set(original, seed=1), 4), CALIB, CALIB[:1], on_layer=probe)
     assert len(counts) == 5 and max(counts) <= 2
     assert not any(is_materialized(layer) for layer in layers)  # every layer freed at the end
+    assert heads == [(False, False)] * 5  # the embedding is parked and lm_head not read during the layers
+    assert not list(tmp_path.glob(".parked-*"))  # the parked embedding's folder is gone
 
 
 @pytest.mark.parametrize("name,method,rank", [("tiny_llama", RESPIN, 4), ("tiny_qwen2", LAYERWISE, None)])
