@@ -54,7 +54,9 @@ class Linear4bit(nn.Module):
         scale = weight_scale.reshape(n, 1).to(torch.float64)
         ratio = w.to(torch.float64) / scale
         codes = torch.round(ratio)
-        if (ratio - codes).abs().max() > 1e-3 or codes.min() < -8 or codes.max() > 7:
+        # a bf16/fp16 weight is codes * scale rounded to its dtype: up to 8 half-ulps off the grid
+        tol = max(1e-3, 8 * torch.finfo(w.dtype).eps) if w.is_floating_point() else 1e-3
+        if (ratio - codes).abs().max() > tol or codes.min() < -8 or codes.max() > 7:
             raise PipelineError("Linear4bit.from_float: the weight is not on the 4-bit grid of weight_scale")
         qweight = cpu_ops().pack_int4(codes.to(torch.int8))
         return cls(qweight, weight_scale, linear.bias, clip_ratio, rotate_input)

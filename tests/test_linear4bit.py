@@ -37,6 +37,24 @@ def test_linear4bit_equals_fake_quant_linear(n, k, rotate):
     torch.testing.assert_close(out, fake, rtol=1e-5, atol=1e-5 * fake.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_from_float_reads_the_codes_of_a_16_bit_weight(dtype):
+    """A bf16/fp16 weight is ``codes * scale`` rounded to its dtype (as a bf16 fuse stores it): the codes
+    come back exactly; a weight off the grid by a quarter step is still refused."""
+    linear, scale = _grid_linear(40, 64, seed=5, bias=False)
+    codes = torch.round(linear.weight / scale)
+    scale16 = scale.to(dtype)
+    half = nn.Linear(64, 40, bias=False).to(dtype)
+    with torch.no_grad():
+        half.weight.copy_(codes.to(dtype) * scale16)
+    kernel = Linear4bit.from_float(half, scale16)
+    assert torch.equal(kernel.qweight, Linear4bit.from_float(linear, scale).qweight)
+    with torch.no_grad():
+        half.weight[0, 0] += 0.25 * scale16[0, 0]
+    with pytest.raises(PipelineError, match="not on the 4-bit grid"):
+        Linear4bit.from_float(half, scale16)
+
+
 def test_whole_model_matches_fake_quant_within_fp16_rounding(tmp_path, tokens):
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
     model, tok, fingerprint = _prepared("tiny_llama", QUAROT, quant)

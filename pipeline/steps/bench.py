@@ -5,7 +5,7 @@ cuda_ext/cuda/README.md) and says so in every row's ``device`` and in ``backend`
 from __future__ import annotations
 
 import mlflow
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .. import devices, paths
 from ..adapters import adapter_for
@@ -36,7 +36,8 @@ def run(cfg: DictConfig) -> None:
     device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
     if device.type != "cpu":
         print(f"bench: device={device}: timing the CPU path only (CUDA kernels: cuda_ext/cuda/README.md)")
-    model, _ = load_model(cfg.model)
+    # the layer rows compare the W4A4 layer against a float32 one (decoder_layer_fp32), whatever model.dtype
+    model, _ = load_model(OmegaConf.merge(cfg.model, {"dtype": "float32"}))
     dims = adapter_for(model).dims(model)
     if not 1 <= rank <= dims.hidden:
         raise PipelineError(f"bench.transition_rank={rank}: must be in 1..{dims.hidden}")
