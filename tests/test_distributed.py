@@ -1,4 +1,5 @@
-"""Data-parallel rotation training: 2 CPU ranks (torchrun, gloo) equal one process on the same batch."""
+"""Data-parallel rotation training, plain and with FSDP2-sharded weights: 2 CPU ranks (torchrun, gloo)
+equal one process on the same batch."""
 from __future__ import annotations
 
 import os
@@ -21,18 +22,26 @@ def _run(args: list[str], cwd, env) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
-def test_two_ranks_equal_single_process(tmp_path):
+STAGE = str(ROOT / "stages" / "train_rotation.py")
+ROTATIONS = ("a", "rotations", "spinquant_w4a4kv4", "global.safetensors")
+
+
+def _single_process_run(tmp_path) -> tuple[dict, str, list[str], dict[str, torch.Tensor]]:
+    """Calibrate, then train in one process: ``(env, stage script, common overrides, its rotations)``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RSQ_DATA_DIR": str(SHARED_DATA),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    stage = str(ROOT / "stages" / "train_rotation.py")
     common = [f"paths.artifacts={tmp_path / 'a'}", *TINY]
     _run([sys.executable, str(ROOT / "stages" / "calibrate.py"), *common, f"paths.metrics={tmp_path / 'm'}"],
          tmp_path, env)
-    _run([sys.executable, stage, *common, f"paths.metrics={tmp_path / 'single'}"], tmp_path, env)
-    single, _ = load_tensors(tmp_path / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors")
+    _run([sys.executable, STAGE, *common, f"paths.metrics={tmp_path / 'single'}"], tmp_path, env)
+    return env, STAGE, common, load_tensors(tmp_path.joinpath(*ROTATIONS))[0]
+
+
+def test_two_ranks_equal_single_process(tmp_path):
+    env, stage, common, single = _single_process_run(tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", stage, *common,
           f"paths.metrics={tmp_path / 'ddp'}"], tmp_path, env)
-    ddp, _ = load_tensors(tmp_path / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors")
+    ddp, _ = load_tensors(tmp_path.joinpath(*ROTATIONS))
 
     assert single.keys() == ddp.keys()
     moved = max((single[k] - ddp[k]).abs().max().item() for k in single)
@@ -49,20 +58,13 @@ def test_fsdp2_two_ranks_equal_single_process(tmp_path, checkpointing):
     """train.fsdp=true: each of 2 gloo ranks holds half the frozen weights (FSDP2 per decoder layer),
     and the trained rotations equal one process's (also with activation checkpointing, which
     re-gathers each layer for its recomputed forward)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RSQ_DATA_DIR": str(SHARED_DATA),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
-    stage = str(ROOT / "stages" / "train_rotation.py")
-    common = [f"paths.artifacts={tmp_path / 'a'}", *TINY]
-    _run([sys.executable, str(ROOT / "stages" / "calibrate.py"), *common, f"paths.metrics={tmp_path / 'm'}"],
-         tmp_path, env)
-    _run([sys.executable, stage, *common, f"paths.metrics={tmp_path / 'single'}"], tmp_path, env)
-    single, _ = load_tensors(tmp_path / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors")
+    env, stage, common, single = _single_process_run(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", stage,
                            *common, "train.fsdp=true", f"train.grad_checkpointing={checkpointing}",
                            f"paths.metrics={tmp_path / 'fsdp'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    fsdp, _ = load_tensors(tmp_path / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors")
+    fsdp, _ = load_tensors(tmp_path.joinpath(*ROTATIONS))
     shards = re.findall(r"FSDP2: (\d+) decoder layers sharded over 2 ranks: ([\d.]+) MiB of parameters on rank (\d) "
                         r"\(of ([\d.]+) MiB\)", proc.stdout + proc.stderr)
     assert sorted(int(r) for _, _, r, _ in shards) == [0, 1], proc.stdout[-2000:] + proc.stderr[-2000:]
