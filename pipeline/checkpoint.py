@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .artifacts import SAFETENSORS_DTYPES, atomic_dir, file_sha256, load_tensors
+from .artifacts import SAFETENSORS_DTYPES, SafetensorsFile, atomic_dir, file_sha256, load_tensors
+from .devices import dtype_name
 from .errors import PipelineError
 from .methods import MethodSpec, attach_online_ops, empty_transitions, quant_spec
 from .models import DTYPES, model_fingerprint
@@ -138,7 +139,7 @@ class CheckpointWriter:
 def checkpoint_config(method: MethodSpec, quant: QuantSpec, online: dict, dtype: torch.dtype, fingerprint: str,
                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"format": FORMAT, "method": asdict(method), "quant": asdict(quant), "online": online,
-            "dtype": str(dtype).removeprefix("torch."), "fingerprint": fingerprint, **(extra or {})}
+            "dtype": dtype_name(dtype), "fingerprint": fingerprint, **(extra or {})}
 
 
 def save_quantized(
@@ -363,24 +364,17 @@ def open_quantized(folder: str | Path, device: torch.device | str = "cpu") -> tu
 def loaded_bytes(folder: str | Path) -> int:
     """Bytes the checkpoint's model takes once loaded (packed int4 codes unpacked to two values of its
     dtype per byte), read from the shards' headers only."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     config, index = _read_config(folder)
     unpacked = DTYPES.get(config.get("dtype"), torch.float32).itemsize
     total = 0
     for name in index["metadata"]["shard_sha256"]:
-        try:
-            with safe_open(str(folder / name), framework="pt") as f:
-                for key in f.keys():
-                    t = f.get_slice(key)
-                    numel = math.prod(t.get_shape())
-                    if key.endswith(".linear.qweight"):
-                        total += numel * unpacked * (2 if t.get_dtype() == "U8" else 1)
-                    else:
-                        total += numel * SAFETENSORS_DTYPES[t.get_dtype()].itemsize
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{folder / name} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        for key, info in SafetensorsFile(folder / name).entries.items():  # one-line error if unreadable
+            numel = math.prod(info["shape"])
+            if key.endswith(".linear.qweight"):
+                total += numel * unpacked * (2 if info["dtype"] == "U8" else 1)
+            else:
+                total += numel * SAFETENSORS_DTYPES[info["dtype"]].itemsize
     return total
 
 

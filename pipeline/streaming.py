@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .artifacts import SafetensorsFile
+from .artifacts import SafetensorsFile, save_tensors
 from .errors import PipelineError
 
 INDEX = "model.safetensors.index.json"
@@ -216,8 +216,6 @@ class Parked:
     bit for bit by ``restore``: the streamed fuse parks the fused embedding during the layer loop."""
 
     def __init__(self, module: nn.Module, folder: str | Path) -> None:
-        from .artifacts import save_tensors
-
         self.module, self.folder = module, Path(folder)
         param = next(module.parameters())
         self.dtype, self.device = param.dtype, param.device

@@ -31,12 +31,10 @@ def in_float64(t: torch.Tensor, fn, chunk_elements: int | None = F64_CHUNK_ELEME
     through in chunks of whole rows, so peak memory is two chunks, not two float64 copies of ``t``
     (Llama-3-8B's lm_head is 4.2 GB in float64). ``None``: the whole tensor at once.
     """
-    rows = t.shape[0] if t.dim() else 1
-    if chunk_elements is not None and t.dim() == 2 and t.numel() > chunk_elements:
-        rows = max(_ROW_ALIGN, chunk_elements // t.shape[1] // _ROW_ALIGN * _ROW_ALIGN)
-    if t.dim() == 0 or rows >= t.shape[0]:
+    if chunk_elements is None or t.dim() != 2 or t.numel() <= chunk_elements:
         t.copy_(fn(_f64(t)).to(t.dtype))
         return
+    rows = max(_ROW_ALIGN, chunk_elements // t.shape[1] // _ROW_ALIGN * _ROW_ALIGN)
     for start in range(0, t.shape[0], rows):
         part = t[start:start + rows]
         part.copy_(fn(_f64(part)).to(t.dtype))

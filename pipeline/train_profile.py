@@ -20,6 +20,7 @@ import time
 import torch
 
 from .cayley import CayleySGD
+from .devices import dtype_name
 from .methods import MethodSpec, make_rotations, prepare_base
 from .models import build_random_model
 from .quantizers import QuantSpec
@@ -77,7 +78,7 @@ def profile(shape: str, mode: str, seqlen: int, steps: int, device: torch.device
     step, optimizer = statistics.median(step_s[1:]), statistics.median(opt_s[1:])
     out = {
         "shape": shape, "mode": mode, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(dtype).removeprefix("torch."), "seqlen": seqlen, "timed_steps": steps,
+        "dtype": dtype_name(dtype), "seqlen": seqlen, "timed_steps": steps,
         "n_rotations": len(rotations.names), "step_seconds": step, "optimizer_seconds": optimizer,
         "tokens_per_second": seqlen / step,
         # paper protocol: every window is one forward/backward; the optimizer runs once per step of 8
