@@ -115,3 +115,16 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 1 << 62  # unknown: assume it fits
+
+
+STREAM_SETTINGS = ("auto", True, False)
+
+
+def choose_stream(setting, what: str, nbytes: int, device: torch.device, share: float) -> bool:
+    """Whether a stage streams its decoder layers: ``setting`` true/false, or ``auto``: when the
+    ``nbytes`` it would load exceed ``share`` of the free memory of ``device``."""
+    if setting not in STREAM_SETTINGS:
+        raise PipelineError(f"{what}={setting!r}: choose true, false or auto")
+    if setting != "auto":
+        return bool(setting)
+    return nbytes > share * free_memory(device)

@@ -89,7 +89,7 @@ def transform_tensor(t: torch.Tensor, transforms: list[tuple[Transform, str]],
     for fn, key in transforms:
         R = basis(rotations, key)
         if R is not None:
-            t = fn(t, R.to(t.dtype))
+            t = fn(t, R.to(device=t.device, dtype=t.dtype))
     return t
 
 

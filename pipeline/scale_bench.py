@@ -40,7 +40,7 @@ SHAPES = {
                                max_position_embeddings=8192, tie_word_embeddings=False),
     "tiny_llama": PROFILE_SHAPES["tiny_llama"],
 }
-STAGES = ("calibrate", "rotate_global", "fuse", "eval")
+STAGES = ("calibrate", "rotate_global", "rotate_layerwise", "approximate", "fuse", "eval")
 
 
 def write_random_checkpoint(shape: str, folder: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
@@ -90,11 +90,30 @@ def stage_command(stage: str, folder: Path, work: Path, args: argparse.Namespace
               f"paths.metrics={work / 'metrics'}", f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
               f"method={args.method}", f"calib.n_windows={args.calib_windows}", f"calib.seqlen={args.calib_seqlen}",
               "calib.stats_windows=1", f"quant.weight_method={args.weights}"]
-    script = {"calibrate": "calibrate.py", "rotate_global": "train_rotation.py", "fuse": "fuse.py", "eval": "eval.py"}[stage]
-    extra = {"rotate_global": [f"train.steps={args.train_steps}", "train.batch_size=1", "train.checkpoint_every=0"],
+    script = {"calibrate": "calibrate.py", "rotate_global": "train_rotation.py", "rotate_layerwise": "train_rotation.py",
+              "approximate": "approximate.py", "fuse": "fuse.py", "eval": "eval.py"}[stage]
+    train = [f"train.steps={args.train_steps}", "train.batch_size=1", "train.checkpoint_every=0",
+             f"train.stream={args.train_stream}"]
+    extra = {"rotate_global": train, "rotate_layerwise": ["rotation_stage=layerwise", *train],
              "eval": [f"eval.max_windows={args.eval_windows}", f"eval.seqlen={args.eval_seqlen}", "eval.tasks=[]",
                       "eval.stream=true"]}.get(stage, [])
     return [sys.executable, str(REPO_ROOT / "stages" / script), *common, *extra]
+
+
+def applies(stage: str, method: str) -> bool:
+    """Whether ``stage`` runs for ``conf/method/<method>.yaml``: rotate_layerwise for per-layer
+    methods, approximate for low-rank transitions, every other stage always."""
+    from omegaconf import OmegaConf
+
+    path = REPO_ROOT / "conf" / "method" / f"{method}.yaml"
+    if not path.is_file():
+        raise PipelineError(f"--method {method}: no {path.relative_to(REPO_ROOT)}")
+    cfg = OmegaConf.load(path)
+    if stage == "rotate_layerwise":
+        return bool(cfg.get("per_layer", False))
+    if stage == "approximate":
+        return cfg.get("transition", "dense") == "low_rank"
+    return True
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[int, float, float]:
@@ -109,14 +128,17 @@ def run_measured(cmd: list[str], env: dict) -> tuple[int, float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3_8b")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    parser.add_argument("--method", default="quarot", help="a conf/method name (quarot: untrained rotations)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
+                        help="default: every stage that applies to --method")
+    parser.add_argument("--method", default="quarot", help="a conf/method name (quarot: untrained rotations; "
+                        "respinquant: every stage)")
     parser.add_argument("--weights", choices=["rtn", "gptq"], default="gptq")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--calib-windows", type=int, default=4)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--train-steps", type=int, default=2)
+    parser.add_argument("--train-stream", default="auto", help="train.stream of the training stages")
     parser.add_argument("--eval-windows", type=int, default=1)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--work", default=None, help="artifacts/metrics of the run (default: under the cache dir)")
@@ -139,6 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.is_file() else []
     for stage in args.stages:
+        if not applies(stage, args.method):
+            print(f"skip {stage}: it does not apply to method {args.method}", flush=True)
+            continue
         cmd = stage_command(stage, folder, work, args)
         print("+", shlex.join(cmd), flush=True)
         rc, seconds, rss = run_measured(cmd, env)

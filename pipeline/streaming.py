@@ -12,6 +12,7 @@ Sources: an HF folder of safetensors (``model.safetensors`` or sharded with
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +35,13 @@ class WeightSource:
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes of every floating tensor once cast to ``dtype`` (what loading the model costs)."""
+        return sum(math.prod(self.shape(k)) for k in self.keys()) * dtype.itemsize
+
 
 class StateDictSource(WeightSource):
     """A state dict already in memory (a random-init model): streaming then only bounds the copies."""
@@ -46,6 +54,9 @@ class StateDictSource(WeightSource):
 
     def get(self, name: str) -> torch.Tensor:
         return self.state[name].detach().clone()  # the stage transforms it in place
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
 
 
 class SafetensorsSource(WeightSource):
@@ -90,6 +101,9 @@ class SafetensorsSource(WeightSource):
             raise PipelineError(f"{file.path} lacks {name}, which {INDEX} places there")
         return file.get(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._open(self._where[name]).shape(name)
+
 
 def empty_model(hf_config, dtype: torch.dtype) -> nn.Module:
     """The causal LM of ``hf_config`` with every parameter on the meta device (no storage) and its
@@ -126,6 +140,15 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: tor
 def release(module: nn.Module) -> None:
     """Free ``module``'s tensors (back to the meta device); its structure and hooks stay."""
     module.to("meta")
+
+
+def drop(module: nn.Module) -> None:
+    """Free ``module``'s parameters and persistent buffers by replacing them with meta tensors (its
+    non-persistent buffers stay). Unlike ``release`` no tensor is mutated, so whatever autograd saved
+    of them stays valid until the backward that needs it (streamed training)."""
+    state = module.state_dict(keep_vars=True)
+    module.load_state_dict({k: torch.empty_like(v, device="meta") for k, v in state.items()}, strict=True,
+                           assign=True)
 
 
 def is_materialized(module: nn.Module) -> bool:

@@ -10,6 +10,8 @@ This works with HF gradient checkpointing, since a recomputed forward re-reads t
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -18,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 from .adapters import DecoderAdapter
 from .cayley import orthonormalize
 from .quantizers import OFF_BITS, QuantSpec, quantize_weight_rtn
-from .rotation_plan import Transform, is_per_layer, rotation_plan, transform_tensor
+from .rotation_plan import Step, Transform, is_per_layer, rotation_plan, transform_tensor
 from .transitions import attach_transitions
 
 
@@ -75,9 +77,34 @@ def transition_delta(h: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> t
     """
     dtype = torch.promote_types(torch.promote_types(src.dtype, dst.dtype),
                                 torch.promote_types(h.dtype, torch.float32))
-    src, dst = src.to(dtype), dst.to(dtype)
+    src, dst = src.to(device=h.device, dtype=dtype), dst.to(device=h.device, dtype=dtype)
     delta = src.T @ dst - torch.eye(src.shape[1], dtype=dtype, device=src.device)
     return (h.to(dtype) @ delta).to(h.dtype)
+
+
+def parametrize_steps(steps: list[Step], rotations: TrainableRotations, weight_quant: QuantSpec | None = None,
+                      unquantized: frozenset[int] = frozenset(), unsafe: bool = False) -> None:
+    """Register ``RotatedWeight`` on every tensor of rotation-plan ``steps``; ``weight_quant`` acts on
+    weights of modules whose ``id`` is not in ``unquantized``. ``unsafe`` skips torch's check (one
+    transform per tensor), for a caller that registers on already-checked shapes."""
+    if weight_quant is not None and weight_quant.w_bits >= OFF_BITS:
+        weight_quant = None
+    for module, attr, transforms in steps:
+        wq = weight_quant if attr == "weight" and id(module) not in unquantized else None
+        parametrize.register_parametrization(module, attr, RotatedWeight(transforms, rotations, wq), unsafe=unsafe)
+
+
+def rotation_transitions(rotations: TrainableRotations) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """The residual-add addend ``h @ (T - I)`` of a per-layer set, read from the live rotations
+    (``transitions.attach_transitions``' ``apply``)."""
+
+    def transition(key: str, h: torch.Tensor) -> torch.Tensor:
+        site, i = key.split(".")
+        r = rotations.as_dict()
+        src, dst = (f"A.{i}", f"B.{i}") if site == "attn" else (f"B.{i}", f"A.{int(i) + 1}")
+        return transition_delta(h, r[src], r[dst])
+
+    return transition
 
 
 def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: TrainableRotations,
@@ -89,22 +116,11 @@ def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: 
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    if weight_quant is not None and weight_quant.w_bits >= OFF_BITS:
-        weight_quant = None
-    unquantized = {id(adapter.embedding(model)), id(adapter.lm_head(model))}
-    for module, attr, transforms in rotation_plan(model, adapter):
-        wq = weight_quant if attr == "weight" and id(module) not in unquantized else None
-        parametrize.register_parametrization(module, attr, RotatedWeight(transforms, rotations, wq))
+    unquantized = frozenset({id(adapter.embedding(model)), id(adapter.lm_head(model))})
+    parametrize_steps(rotation_plan(model, adapter), rotations, weight_quant, unquantized)
     if not is_per_layer(rotations.as_dict()):
         return []
-
-    def transition(key: str, h: torch.Tensor) -> torch.Tensor:
-        site, i = key.split(".")
-        r = rotations.as_dict()
-        src, dst = (f"A.{i}", f"B.{i}") if site == "attn" else (f"B.{i}", f"A.{int(i) + 1}")
-        return transition_delta(h, r[src], r[dst])
-
-    return attach_transitions(model, adapter, transition)
+    return attach_transitions(model, adapter, rotation_transitions(rotations))
 
 
 def fold_rotations(model: nn.Module, handles: list[RemovableHandle]) -> None:

@@ -218,12 +218,17 @@ def test_scale_bench_runs_every_stage_on_a_random_shape(tmp_path):
 
     env = {**os.environ, "RSQ_CACHE_DIR": str(tmp_path / "cache"), "RSQ_DATA_DIR": str(SHARED_DATA)}
     out = tmp_path / "scale.json"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.scale_bench", "--shape", "tiny_llama", "--dtype", "float32",
-                           "--calib-seqlen", "64", "--eval-seqlen", "128", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    bench = [sys.executable, "-m", "pipeline.scale_bench", "--shape", "tiny_llama", "--dtype", "float32",
+             "--calib-seqlen", "64", "--eval-seqlen", "128", "--train-steps", "1", "--out", str(out)]
+    proc = subprocess.run([*bench, "--method", "respinquant", "--train-stream", "true", "--weights", "rtn"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
-    assert [r["stage"] for r in rows] == ["calibrate", "rotate_global", "fuse", "eval"]
+    assert [r["stage"] for r in rows] == ["calibrate", "rotate_global", "rotate_layerwise", "approximate", "fuse", "eval"]
+    proc = subprocess.run([*bench, "--stages", "rotate_layerwise", "approximate"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # QuaRot: neither stage applies
+    assert proc.returncode == 0 and "skip approximate: it does not apply to method quarot" in proc.stdout
+    assert len(json.loads(out.read_text())) == len(rows)
     assert all(r["weights"] == "random" and r["peak_rss_gib"] > 0 and r["seconds"] > 0 for r in rows)
     assert (tmp_path / "cache" / "random" / "tiny_llama-seed0" / "model.safetensors.index.json").is_file()
 

@@ -18,23 +18,12 @@ from ..artifacts import write_json
 from ..checkpoint import load_quantized, load_tokenizer, loaded_bytes, open_quantized
 from ..config import select_variant
 from ..data import check_seqlen, wikitext2_windows
-from ..devices import free_memory, resolve_device
+from ..devices import choose_stream, resolve_device
 from ..errors import PipelineError
 from ..models import max_positions
 from ..perplexity import perplexity, perplexity_streamed
 from ..tracking import stage_run
 from ..zeroshot import check_request, evaluate_zeroshot
-
-STREAM = ("auto", True, False)
-
-
-def _stream(setting, folder, device: torch.device) -> bool:
-    if setting not in STREAM:
-        raise PipelineError(f"eval.stream={setting!r}: choose true, false or auto")
-    if setting != "auto":
-        return bool(setting)
-    return loaded_bytes(folder) > 0.8 * free_memory(device)
-
 
 def run(cfg: DictConfig) -> None:
     name, cfg = select_variant(cfg)
@@ -43,7 +32,7 @@ def run(cfg: DictConfig) -> None:
     if tasks:  # a typo in the task list fails now, not after the perplexity pass
         check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
     folder = paths.fused(cfg, name)
-    stream = _stream(cfg.eval.get("stream", "auto"), folder, device)
+    stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", loaded_bytes(folder), device, 0.8)
     if stream and tasks:
         raise PipelineError(f"{folder} is evaluated layer-sequentially (eval.stream), which measures perplexity "
                             "only: zero-shot needs the whole model in memory; set eval.tasks=[] or eval.stream=false")

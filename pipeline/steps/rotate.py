@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 from dataclasses import asdict, replace
@@ -19,16 +20,18 @@ from .. import distributed as ddp
 from .. import paths
 from ..artifacts import load_tensors, save_tensors, tensor_digest, write_csv
 from ..config import select_variant
-from ..devices import check_dtype, resolve_device, resolve_dtype
+from ..devices import check_dtype, choose_stream, resolve_device, resolve_dtype
 from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations, make_rotations, per_layer_bases, prepare_base, quant_spec
-from ..models import load_model, model_fingerprint
+from ..models import cache_dir, load_model, model_fingerprint
+from ..stream_train import stream_for_training
 from ..streaming import open_model
 from ..tracking import stage_run
 from ..train import TrainSpec, TrainState, train_rotations
 from ..trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
 
 STAGES = ("global", "layerwise")
+STREAM_SHARE = 0.5  # train.stream=auto streams a model whose weights exceed this share of free memory
 
 
 def train_spec(cfg: DictConfig) -> TrainSpec:
@@ -52,6 +55,33 @@ def _load_checkpoint(path, fingerprint: str, signature: str, rotations: Trainabl
                       step_seconds=json.loads(meta["step_seconds"]))
 
 
+def _train(cfg: DictConfig, model, rotations: TrainableRotations, spec: TrainSpec, train_quant, method: MethodSpec,
+           init: dict[str, torch.Tensor], fingerprint: str, name: str, stage: str, device: torch.device) -> TrainState:
+    """Train ``rotations`` (parametrizing ``model``) on the calibration windows, resuming a checkpoint
+    of this very run, checkpointing as it goes."""
+    windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
+    windows = windows["windows"].to(device)
+    # a checkpoint resumes only the very same run: same settings, ranks, calibration tokens and start
+    signature = json.dumps({"train": asdict(spec), "quant": asdict(train_quant), "method": asdict(method),
+                            "windows": tensor_digest(windows), "init": tensor_digest(*init.values()),
+                            "world": ddp.world_size()}, sort_keys=True)
+    ckpt = paths.train_checkpoint(cfg, name, stage)
+    state = _load_checkpoint(ckpt, fingerprint, signature, rotations)
+
+    def save_checkpoint(s: TrainState) -> None:
+        if not ddp.is_main():
+            return
+        tensors = {f"rot/{k}": v.detach().cpu() for k, v in rotations.as_dict().items()}
+        tensors.update({f"mom/{k}": v for k, v in s.momentum.items()})
+        save_tensors(ckpt, tensors, {"fingerprint": fingerprint, "signature": signature, "step": str(s.step),
+                                     "losses": json.dumps(s.losses), "step_seconds": json.dumps(s.step_seconds)})
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    state = train_rotations(model, rotations, windows, spec, state, save_checkpoint, desc=f"rotate_{stage} {name}")
+    return state
+
+
 def run(cfg: DictConfig) -> None:
     stage = cfg.get("rotation_stage", "global")
     if stage not in STAGES:
@@ -70,9 +100,17 @@ def run(cfg: DictConfig) -> None:
     if fsdp and ddp.world_size_from_env() < 2:
         raise PipelineError("train.fsdp=true shards the model over torchrun's ranks: launch the stage with "
                             "`torchrun --nproc_per_node=N` (N >= 2), or set train.fsdp=false")
-    # untrained sets need only the model's sizes (its skeleton); training needs every weight
-    model = load_model(cfg.model)[0] if method.train else open_model(cfg.model, dtype)[0]
+    # the skeleton (no weights read) gives the sizes; training loads every weight, or streams the
+    # decoder layers when the model does not fit (train.stream)
+    model, _, source = open_model(cfg.model, dtype)
     fingerprint = model_fingerprint(model)
+    stream = method.train and choose_stream(cfg.train.get("stream", "auto"), "train.stream", source.nbytes(dtype),
+                                            device, STREAM_SHARE)
+    if stream and fsdp:
+        raise PipelineError("train.stream and train.fsdp do not combine (each rank would stream the whole model): "
+                            "set train.stream=false with train.fsdp=true")
+    if method.train and not stream:
+        model = load_model(cfg.model)[0]
     global_method = replace(method, per_layer=False, transition="dense")
     if stage == "global":
         init = make_rotations(global_method, model)
@@ -98,33 +136,21 @@ def run(cfg: DictConfig) -> None:
     spec = train_spec(cfg)
     ddp.init_from_env(device)
     train_quant = quant_spec(cfg.quant) if cfg.train.quantize_weights else replace(quant_spec(cfg.quant), w_bits=16)
-    adapter = prepare_base(model, method, train_quant)
-    model.to(device)
-    if cfg.train.grad_checkpointing:
-        enable_checkpointing(model)
     rotations = TrainableRotations(init).to(device)
-    parametrize_rotations(model, adapter, rotations, train_quant)
-    param_bytes = ddp.shard_layers(model, adapter.layers(model), device) if fsdp else None
-    windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
-    windows = windows["windows"].to(device)
-    # a checkpoint resumes only the very same run: same settings, ranks, calibration tokens and start
-    signature = json.dumps({"train": asdict(spec), "quant": asdict(train_quant), "method": asdict(method),
-                            "windows": tensor_digest(windows), "init": tensor_digest(*init.values()),
-                            "world": ddp.world_size()}, sort_keys=True)
-    ckpt = paths.train_checkpoint(cfg, name, stage)
-    state = _load_checkpoint(ckpt, fingerprint, signature, rotations)
-
-    def save_checkpoint(s: TrainState) -> None:
-        if not ddp.is_main():
-            return
-        tensors = {f"rot/{k}": v.detach().cpu() for k, v in rotations.as_dict().items()}
-        tensors.update({f"mom/{k}": v for k, v in s.momentum.items()})
-        save_tensors(ckpt, tensors, {"fingerprint": fingerprint, "signature": signature, "step": str(s.step),
-                                     "losses": json.dumps(s.losses), "step_seconds": json.dumps(s.step_seconds)})
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    state = train_rotations(model, rotations, windows, spec, state, save_checkpoint, desc=f"rotate_{stage} {name}")
+    param_bytes = None
+    with contextlib.ExitStack() as stack:
+        if stream:  # the decoder layers are read from a spill folder of prepared layers at each use
+            spill = cache_dir(cfg.model) / "spill"
+            stack.enter_context(stream_for_training(model, source, method, train_quant, rotations, device, spill))
+        else:
+            adapter = prepare_base(model, method, train_quant)
+            model.to(device)
+            if cfg.train.grad_checkpointing:
+                enable_checkpointing(model)
+            parametrize_rotations(model, adapter, rotations, train_quant)
+            if fsdp:
+                param_bytes = ddp.shard_layers(model, adapter.layers(model), device)
+        state = _train(cfg, model, rotations, spec, train_quant, method, init, fingerprint, name, stage, device)
     if not ddp.is_main():
         return
     trained = rotations.export()
@@ -141,6 +167,7 @@ def run(cfg: DictConfig) -> None:
             "train_step_seconds": sum(timed) / max(len(timed), 1),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "orthogonality_error_fp32": rotations.max_orthogonality_error(),
+            "train_streamed": int(stream),
         }
         if param_bytes is not None:
             metrics["fsdp_param_mib_per_rank"] = param_bytes / 2**20
@@ -149,4 +176,4 @@ def run(cfg: DictConfig) -> None:
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(out))
         mlflow.log_artifact(str(curve))
-    ckpt.unlink(missing_ok=True)
+    paths.train_checkpoint(cfg, name, stage).unlink(missing_ok=True)
