@@ -1,7 +1,8 @@
 """The ReSpinQuant acceptance table: every method x rank x weight quantizer on the same windows.
 
 ``python -m pipeline.sweep --quant w4a4kv4 --set quarot=PATH --set spinquant=PATH --set layerwise=PATH``
-fuses each row in memory (no checkpoint written), evaluates WikiText-2 ppl on the eval windows of the
+fuses each row in memory (no checkpoint written; ``--stream``: layer by layer through a temporary
+checkpoint, for a model that does not fit), evaluates WikiText-2 ppl on the eval windows of the
 default pipeline (``eval.*`` in ``conf/``), and appends one CSV row as soon as it is done, so a long
 sweep keeps what it finished. Rows: ``rtn`` (no rotation), the given global sets (``quarot``,
 ``spinquant``), ``layerwise`` (exact dense transitions) and ``respinquant`` at each ``--ranks`` value
@@ -25,10 +26,11 @@ from . import devices, paths
 from .config import CONF_DIR, compose_pipeline
 from .data import wikitext2_windows
 from .errors import PipelineError
-from .methods import MethodSpec, prepare_model, quant_spec
-from .models import load_model, model_fingerprint
-from .perplexity import perplexity
+from .fused_ppl import fused_perplexity, should_stream
+from .methods import MethodSpec, quant_spec
+from .models import model_fingerprint
 from .quantizers import WEIGHT_METHODS
+from .streaming import open_model
 from .subspace import ApproxSpec, approximate_rotations, summarize
 
 FIELDS = ["quant", "weights", "method", "rank", "mean_rank", "mean_energy", "mean_rel_error",
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", nargs="*", default=list(WEIGHT_METHODS), choices=WEIGHT_METHODS)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", required=True, help="CSV to append rows to")
+    parser.add_argument("--stream", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
+                        help="fuse and evaluate layer by layer: true | false | auto (when the model does not fit)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pipeline.yaml")
     args = parser.parse_args(argv)
     cli_errors_as_one_line(run, args)
@@ -91,11 +95,11 @@ def run(args: argparse.Namespace) -> None:
     cfg = compose_pipeline([f"quant@variants.rtn.quant={args.quant}", *args.overrides])
     methods = _methods(cfg)
     base_quant = quant_spec(cfg.variants.rtn.quant)
-    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
-    model, tok = load_model(cfg.model, device)
+    device, dtype = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    stream = should_stream(args.stream, "--stream", cfg.model, device, dtype)
+    model, tok, _ = open_model(cfg.model, dtype)  # the skeleton: fingerprint and sizes; every row loads its own
     fingerprint = model_fingerprint(model)
     dims = model.config
-    del model  # only its fingerprint and sizes are needed: every row loads a fresh one
     windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.eval.max_windows)
     windows = windows.to(device)
     calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"].to(device) if "gptq" in args.weights else None
@@ -120,11 +124,8 @@ def run(args: argparse.Namespace) -> None:
                 if name not in args.methods:
                     continue
                 start = time.perf_counter()
-                fresh, _ = load_model(cfg.model, device)
-                prepare_model(fresh, method, rot, quant, sub, calib)
                 label = f"{args.quant} {weights} {name} {extra.get('rank', '')}"
-                ppl = perplexity(fresh, windows, desc=label)["ppl"]
-                del fresh  # before the next row loads its own (one model on the device at a time)
+                ppl = fused_perplexity(cfg.model, method, rot, quant, sub, calib, windows, device, dtype, stream, label)
                 writer.writerow({
                     "quant": args.quant, "weights": weights, "method": name, "rank": extra.get("rank", ""),
                     "mean_rank": extra.get("approx_mean_rank", ""), "mean_energy": extra.get("approx_mean_energy", ""),

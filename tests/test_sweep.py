@@ -58,3 +58,26 @@ def test_sweep_bad_input_is_one_line(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "t.csv").exists()
+
+
+def test_sweep_streamed_gives_the_whole_model_rows(tmp_path):
+    """``--stream true`` (temporary streamed checkpoint, layer-sequential ppl) writes the perplexities
+    of the in-memory fuse, row for row, and leaves no temporary checkpoint."""
+    sets = _sets(tmp_path)
+    fingerprint = model_fingerprint(load_model(model_cfg("tiny_llama"))[0])
+    calib = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
+    save_tensors(tmp_path / "artifacts" / "calib" / "windows.safetensors", {"windows": calib},
+                 {"fingerprint": fingerprint})  # GPTQ's calibration windows, as the calibrate stage writes them
+    tables = {}
+    for stream in ("true", "false"):
+        out = tmp_path / f"{stream}.csv"
+        env_dir = tmp_path / "cache"
+        proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--quant", "w4a4kv4", *sets, "--ranks", "8",
+                               "--weights", "rtn", "gptq", "--methods", "quarot", "respinquant", "--stream", stream,
+                               "--out", str(out), *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "RSQ_DATA_DIR": str(SHARED_DATA), "PYTHONPATH": str(ROOT),
+                                   "RSQ_CACHE_DIR": str(env_dir)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        tables[stream] = [(r["weights"], r["method"], r["rank"], r["wikitext2_ppl"]) for r in csv.DictReader(out.open())]
+    assert len(tables["true"]) == 4 and tables["true"] == tables["false"]
+    assert not any((tmp_path / "cache" / "fused-tmp").iterdir())

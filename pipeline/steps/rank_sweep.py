@@ -1,8 +1,9 @@
 """rank_sweep: WikiText-2 ppl of a ReSpinQuant variant against the subspace rank r (the ppl-vs-rank plot).
 
 For each ``rank_sweep.ranks`` value the variant's per-layer set is approximated at that rank, fused in
-memory with the variant's method and quant (no checkpoint written) and evaluated on the first
-``rank_sweep.max_windows`` WikiText-2 test windows of ``eval.seqlen`` tokens.
+memory with the variant's method and quant (no checkpoint written; ``rank_sweep.stream``: layer by
+layer through a temporary checkpoint when the model does not fit, ``fused_ppl``) and evaluated on the
+first ``rank_sweep.max_windows`` WikiText-2 test windows of ``eval.seqlen`` tokens.
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from ..artifacts import load_tensors, write_csv
 from ..config import select_variant
 from ..data import check_seqlen, wikitext2_windows
 from ..errors import PipelineError
-from ..methods import MethodSpec, check_rotations, prepare_model, quant_spec
-from ..models import load_model, max_positions, model_fingerprint
-from ..perplexity import perplexity
+from ..fused_ppl import fused_perplexity, should_stream
+from ..methods import MethodSpec, check_rotations, quant_spec
+from ..models import max_positions, model_fingerprint
+from ..streaming import open_model
 from ..subspace import ApproxSpec, approximate_rotations, summarize
 from ..tracking import stage_run
 
@@ -32,8 +34,9 @@ def run(cfg: DictConfig) -> None:
     specs = [ApproxSpec.from_cfg({"rank": r, "energy": cfg.approx.energy}) for r in cfg.rank_sweep.ranks]
     if not specs:
         raise PipelineError("rank_sweep.ranks is empty")
-    device, _ = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
-    model, tok = load_model(cfg.model, device)
+    device, dtype = devices.setup(cfg.get("device"), cfg.model.get("dtype"))
+    stream = should_stream(cfg.rank_sweep.get("stream", "auto"), "rank_sweep.stream", cfg.model, device, dtype)
+    model, tok, _ = open_model(cfg.model, dtype)  # the skeleton: sizes and fingerprint, no weights read
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
     fingerprint = model_fingerprint(model)
     n_layers = model.config.num_hidden_layers
@@ -48,14 +51,14 @@ def run(cfg: DictConfig) -> None:
     calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"].to(device) if quant.weight_method == "gptq" else None
     rows = []
     with stage_run(cfg, "rank_sweep", name):
+        mlflow.log_param("layer_sequential", stream)
         for spec in specs:
             start = time.perf_counter()
             tensors, transition_rows = approximate_rotations(rotations, n_layers, spec, progress=False)
             summary = summarize(transition_rows)
-            fresh, _ = load_model(cfg.model, device)
-            prepare_model(fresh, method, rotations, quant, {k: v.to(torch.float32) for k, v in tensors.items()}, calib)
-            ppl = perplexity(fresh, windows, desc=f"{name} r={spec.label}")["ppl"]
-            del fresh  # before the next rank loads its own (one model on the device at a time)
+            subspace = {k: v.to(torch.float32) for k, v in tensors.items()}
+            ppl = fused_perplexity(cfg.model, method, rotations, quant, subspace, calib, windows, device, dtype,
+                                   stream, desc=f"{name} r={spec.label}")
             rows.append({"rank": spec.label, "mean_rank": summary["approx_mean_rank"],
                          "mean_energy": summary["approx_mean_energy"],
                          "mean_rel_error": summary["approx_mean_rel_error"], "wikitext2_ppl": ppl,
