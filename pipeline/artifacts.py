@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -90,10 +91,42 @@ def canonical_safetensors(raw: bytes) -> bytes:
     return len(header).to_bytes(8, "little") + header + raw[8 + n :]
 
 
+FINITE_CHUNK = 1 << 24  # elements checked at a time: no bool copy of a whole 128256 x 4096 table
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite (always, for integer tensors)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + FINITE_CHUNK]).all()) for i in range(0, flat.numel(), FINITE_CHUNK))
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse (one line naming the first bad tensor) tensors holding NaN or inf before they are written."""
+    for key, t in tensors.items():
+        if not is_finite(t):
+            raise PipelineError(f"{key} holds NaN or inf values: {where} is not written (are the model's "
+                                "weights, the rotations or the training settings non-finite?)")
+
+
+def _check_finite_values(value, where: str | Path, key: str = "") -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PipelineError(f"{key or 'a value'} is {value}: {where} is not written (non-finite result)")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_values(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite_values(v, where, f"{key}[{i}]")
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Atomically write ``tensors`` with string ``metadata`` (must include ``fingerprint``)."""
+    """Atomically write ``tensors`` with string ``metadata`` (must include ``fingerprint``); refuses
+    non-finite tensors (one line)."""
     if "fingerprint" not in metadata:
         raise ValueError("artifact metadata must name the model fingerprint")
+    check_finite(tensors, path)
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     raw = save(flat, metadata={k: str(v) for k, v in metadata.items()})
     with atomic_path(path) as tmp:
@@ -241,6 +274,8 @@ def open_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[Lazy
 
 
 def write_json(path: str | Path, data: dict) -> None:
+    """Atomically write ``data`` as sorted JSON; a NaN or inf number in it is refused (one line)."""
+    _check_finite_values(data, path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -248,6 +283,7 @@ def write_json(path: str | Path, data: dict) -> None:
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     if not rows:
         raise ValueError(f"no rows to write to {path}")
+    _check_finite_values(rows, path)
     with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

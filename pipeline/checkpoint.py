@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from .adapters import adapter_for
-from .artifacts import SAFETENSORS_DTYPES, SafetensorsFile, atomic_dir, file_sha256, load_tensors
+from .artifacts import SAFETENSORS_DTYPES, SafetensorsFile, atomic_dir, check_finite, file_sha256, is_finite, load_tensors
 from .devices import dtype_name
 from .errors import PipelineError
 from .methods import MethodSpec, attach_online_ops, empty_transitions, quant_spec
 from .models import DTYPES, model_fingerprint
-from .streaming import empty_model, release
+from .streaming import empty_model, open_model, release
 from .online import QuantLinear
 from .quantizers import QuantSpec
 from .surgery import replace_norms, untie_embeddings
@@ -117,6 +117,7 @@ class CheckpointWriter:
 
         name = shard_name(j, self.n_layers)
         flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        check_finite(flat, f"the checkpoint (shard {name})")
         # one metadata key: safetensors writes a map's keys in no fixed order, so one key keeps the
         # bytes (and DVC's hash) of identical fuses identical
         save_file(flat, str(self.folder / name), metadata={"fingerprint": self.fingerprint})
@@ -193,6 +194,27 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise PipelineError(f"{config_path} does not match the sha256 recorded in {INDEX}: it was edited or "
                             "corrupted after fuse (its method and bit-widths decide the online ops); rerun fuse")
     return config, index
+
+
+def check_made_for(folder: str | Path, model_cfg, method: MethodSpec, quant: QuantSpec) -> dict[str, Any]:
+    """Refuse (one line naming the folder) a checkpoint that was not made for the configured model,
+    method and quant: what the checkpoint records (its model's fingerprint and name, its method and
+    quant specs) must be what the consumer is about to label its results with. Returns its config."""
+    folder = Path(folder)
+    config, _ = _read_config(folder)
+    skeleton = open_model(model_cfg, torch.float32)[0]  # sizes only; no weights read
+    name = config.get("model_name")
+    if config.get("fingerprint") != model_fingerprint(skeleton) or (name is not None and name != model_cfg.get("name")):
+        raise PipelineError(f"{folder} was made for model {name or '?'} (fingerprint {config.get('fingerprint')}), "
+                            f"not for model={model_cfg.get('name')}: evaluate it with that model's config")
+    for what, recorded, wanted in (("method", config.get("method"), asdict(method)),
+                                   ("quant", config.get("quant"), asdict(quant))):
+        if recorded != wanted:
+            diff = sorted(k for k in wanted if not isinstance(recorded, dict) or recorded.get(k) != wanted[k])
+            shown = ", ".join(f"{k}={recorded.get(k) if isinstance(recorded, dict) else '?'} (config: {wanted[k]})"
+                              for k in diff[:3])
+            raise PipelineError(f"{folder} holds another {what} than the configured one: {shown}; rerun fuse")
+    return config
 
 
 BACKENDS = ("fake", "kernel")
@@ -319,7 +341,7 @@ def _transition_buffers(kind: type, i: int) -> set[str]:
 
 
 def _check_finite(t: torch.Tensor, key: str, where: str) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if not is_finite(t):
         raise PipelineError(f"{where}: {key} holds non-finite values (NaN or inf)")
 
 

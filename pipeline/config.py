@@ -11,6 +11,7 @@ Two primary configs live in ``conf/``:
 """
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -46,8 +47,16 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
                 if cfg.get("model") is None:
                     choices = ", ".join(sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")))
                     raise PipelineError(f"no model selected: add +model=NAME (one of {choices})")
+                check_common(cfg)
                 resolve_auto_dtype(cfg)
-                task(cfg)
+                try:
+                    task(cfg)
+                except OSError as exc:  # a full disk, a read-only or missing folder: one line
+                    if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EACCES):
+                        raise
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    raise PipelineError(f"{exc.strerror or exc}{where}: stopped (outputs are published atomically, "
+                                        "so none is half-written)") from None
             except PipelineError as exc:
                 logging.getLogger("pipeline").debug("stage failed", exc_info=True)
                 print(f"error: {exc}", file=sys.stderr)
@@ -56,6 +65,30 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
         _run()
 
     return main
+
+
+def _check_int(value, what: str, low: int, none_ok: bool = False) -> None:
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = "null or " if none_ok else ""
+        raise PipelineError(f"{what}={value!r}: must be {extra}an integer >= {low}")
+
+
+def check_common(cfg: DictConfig) -> None:
+    """Refuse, in one line and before any work, settings every stage shares: the seed, window counts
+    and lengths, and output folders that are files."""
+    _check_int(cfg.get("seed", 0), "seed", 0)
+    for node, key, low, none_ok in (("calib", "seqlen", 2, False), ("calib", "n_windows", 1, False),
+                                    ("eval", "seqlen", 2, False), ("eval", "max_windows", 1, True),
+                                    ("rank_sweep", "max_windows", 1, True)):
+        section = cfg.get(node)
+        if section is not None and key in section:
+            _check_int(section[key], f"{node}.{key}", low, none_ok)
+    for key in ("artifacts", "metrics"):
+        path = Path(str(cfg.paths[key])) if "paths" in cfg and key in cfg.paths else None
+        if path is not None and path.exists() and not path.is_dir():
+            raise PipelineError(f"paths.{key}={path} is a file, not a folder")
 
 
 def resolve_auto_dtype(cfg: DictConfig) -> None:

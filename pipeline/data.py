@@ -38,7 +38,10 @@ def _read_local(root: Path, rel: str) -> str:
     path = root / rel
     if not path.is_file():
         raise PipelineError(f"{path} is missing: the data dir must hold {rel} (see ../shared/data/README.md)")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
 
 
 def _join_rows(raw: str, drop_blank: bool) -> str:
@@ -109,7 +112,9 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
     if seqlen < 2:
         raise PipelineError(f"eval.seqlen={seqlen}: must be at least 2")
     n = ids.numel() // seqlen
-    if max_windows is not None and max_windows > 0:
+    if max_windows is not None:
+        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+            raise PipelineError(f"max_windows={max_windows!r}: must be null (every window) or an integer >= 1")
         n = min(n, max_windows)
     if n == 0:
         raise PipelineError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
@@ -128,6 +133,8 @@ def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.T
     """``(n, seqlen)`` windows at random starts, deterministic by ``seed`` (the papers' calibration)."""
     if n < 1:
         raise PipelineError(f"calib.n_windows={n}: must be at least 1")
+    if seqlen < 2:
+        raise PipelineError(f"calib.seqlen={seqlen}: must be at least 2")
     if ids.numel() <= seqlen:
         raise PipelineError(f"calibration text has {ids.numel()} tokens, need more than seqlen={seqlen}")
     gen = torch.Generator().manual_seed(seed)

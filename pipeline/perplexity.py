@@ -14,9 +14,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .errors import PipelineError
+
 
 def _ppl(mean_nll: float) -> float:
-    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf  # exp overflows float64 past ~709.78
+    """``exp(mean_nll)``; a NaN/inf NLL, or one whose exp overflows float64 (past ~709.78), is a
+    PipelineError: such a model's logits are broken, and no perplexity is recorded for it."""
+    if not math.isfinite(mean_nll):
+        raise PipelineError(f"the mean NLL is {mean_nll}: the model computes non-finite logits (NaN/inf "
+                            "weights or activations); no perplexity is recorded")
+    if mean_nll >= 709.0:
+        raise PipelineError(f"the mean NLL is {mean_nll:.1f} nats: its perplexity overflows float64; "
+                            "no perplexity is recorded")
+    return math.exp(mean_nll)
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -7,6 +7,8 @@ The STE makes ``d(out)/d(in) = identity`` so rotation training can back-propagat
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -108,8 +110,9 @@ class QuantSpec:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "w_group_size" else 1):
                 raise ValueError(f"quant.{name}={value}: must be an integer >= {0 if name == 'w_group_size' else 1}")
-        if isinstance(self.gptq_damp, bool) or not isinstance(self.gptq_damp, (int, float)) or self.gptq_damp <= 0:
-            raise ValueError(f"quant.gptq_damp={self.gptq_damp}: must be > 0")
+        damp = self.gptq_damp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp <= 0:
+            raise ValueError(f"quant.gptq_damp={damp}: must be a finite number > 0")
         for name in ("w_bits", "a_bits", "kv_bits"):
             bits = getattr(self, name)
             if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits == OFF_BITS):

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import distributed as ddp
 from .cayley import CayleySGD
+from .artifacts import is_finite
 from .errors import PipelineError
 from .trainable import TrainableRotations
 
@@ -42,8 +43,15 @@ class TrainSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise PipelineError(f"train: steps={self.steps}, batch_size={self.batch_size}, lr={self.lr} out of range")
+        for name, low in (("steps", 1), ("batch_size", 1), ("cayley_iters", 1), ("reorth_every", 0),
+                          ("checkpoint_every", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise PipelineError(f"train.{name}={value!r}: must be an integer >= {low}")
+        for name, ok, rule in (("lr", lambda v: v > 0, "> 0"), ("momentum", lambda v: 0 <= v < 1, "in [0, 1)")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise PipelineError(f"train.{name}={value!r}: must be a finite number {rule}")
         if self.schedule not in SCHEDULES:
             raise PipelineError(f"train.schedule={self.schedule}: choose one of {', '.join(SCHEDULES)}")
 
@@ -103,6 +111,7 @@ def train_rotations(
             opt.state[p]["step"] = state.step
         if spec.momentum and name in state.momentum:  # momentum 0 keeps (and saves) no buffer
             opt.state[p]["momentum"] = state.momentum[name].to(device=p.device, dtype=p.dtype)
+    start_step = state.step
     bar = tqdm(range(state.step, spec.steps), desc=desc, unit="step", disable=not ddp.is_main(),
                initial=state.step, total=spec.steps)
     for step in bar:
@@ -122,6 +131,9 @@ def train_rotations(
         ddp.average_gradients(params)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if not all(is_finite(p) for p in params):
+            raise PipelineError(f"the rotations are not finite after step {step}: stopped; the last good "
+                                f"checkpoint (step {state.step}) is kept")
         state.step = step + 1
         state.losses.append(total)
         state.step_seconds.append(time.perf_counter() - start)
@@ -132,4 +144,19 @@ def train_rotations(
             state.momentum = {n: opt.state[p]["momentum"].detach().cpu() for n, p in zip(rotations.names, params)
                               if "momentum" in opt.state[p]}
             save_checkpoint(state)
+    if spec.steps > start_step:
+        check_final_loss(model, windows, spec)
     return state
+
+
+@torch.no_grad()
+def check_final_loss(model: nn.Module, windows: torch.Tensor, spec: TrainSpec) -> float:
+    """The loss of the trained rotations on the batch after the last step (every rank its share);
+    a NaN/inf one is a PipelineError, so a set that diverged in its last update is not published."""
+    world, rank = ddp.world_size(), ddp.rank()
+    mine = batch_indices(spec, windows.shape[0], spec.steps)[rank::world]
+    total = ddp.average_scalar(sum(window_loss(model, windows[i]).item() for i in mine) / len(mine))
+    if not math.isfinite(total):
+        raise PipelineError(f"the loss after the last step ({spec.steps}) is {total}: the trained rotations "
+                            "are not published")
+    return total

@@ -15,15 +15,17 @@ from omegaconf import DictConfig
 
 from .. import paths
 from ..artifacts import write_json
-from ..checkpoint import load_quantized, load_tokenizer, loaded_bytes, open_quantized
+from ..checkpoint import check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
 from ..config import select_variant
 from ..data import check_seqlen, wikitext2_windows
 from ..devices import choose_stream, resolve_device
 from ..errors import PipelineError
+from ..methods import MethodSpec, quant_spec
 from ..models import max_positions
 from ..perplexity import perplexity, perplexity_streamed
 from ..tracking import stage_run
 from ..zeroshot import check_request, evaluate_zeroshot
+
 
 def run(cfg: DictConfig) -> None:
     name, cfg = select_variant(cfg)
@@ -32,6 +34,8 @@ def run(cfg: DictConfig) -> None:
     if tasks:  # a typo in the task list fails now, not after the perplexity pass
         check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
     folder = paths.fused(cfg, name)
+    # the results are labelled with cfg's model, method and quant: the checkpoint must be theirs
+    check_made_for(folder, cfg.model, MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant))
     stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", loaded_bytes(folder), device, 0.8)
     if stream and tasks:
         raise PipelineError(f"{folder} is evaluated layer-sequentially (eval.stream), which measures perplexity "

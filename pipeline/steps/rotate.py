@@ -90,6 +90,7 @@ def run(cfg: DictConfig) -> None:
     method = MethodSpec.from_cfg(cfg.method)
     if stage == "layerwise" and not method.per_layer:
         raise PipelineError(f"method {method.name} has no per-layer bases: rotate_layerwise does not apply")
+    spec = train_spec(cfg) if method.train else None  # bad settings refused before any loading
     # where training runs (train.device, by default the top-level device), checked before any loading
     device = resolve_device(cfg.train.device, "train.device")
     if device.type == "cuda" and ddp.world_size_from_env() > 1:  # torchrun: one GPU per local rank
@@ -133,7 +134,6 @@ def run(cfg: DictConfig) -> None:
             mlflow.log_artifact(str(out))
         return
 
-    spec = train_spec(cfg)
     ddp.init_from_env(device)
     train_quant = quant_spec(cfg.quant) if cfg.train.quantize_weights else replace(quant_spec(cfg.quant), w_bits=16)
     rotations = TrainableRotations(init).to(device)

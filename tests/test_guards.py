@@ -1,0 +1,179 @@
+"""No silent wrong results: non-finite settings, tensors and results are refused in one line, and
+settings every stage shares are checked before any work (issue 2/6; the cases of
+``shared/reviews/reliability.md``)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline import artifacts
+from pipeline.artifacts import save_tensors, write_csv, write_json
+from pipeline.data import eval_windows
+from pipeline.errors import PipelineError
+from pipeline.perplexity import _ppl
+from pipeline.quantizers import QuantSpec
+from pipeline.train import TrainSpec, TrainState, train_rotations
+from test_bad_inputs import _one_line_error, _stage
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"lr": math.nan}, "train.lr=nan: must be a finite number > 0"),
+    ({"lr": math.inf}, "train.lr=inf: must be a finite number > 0"),
+    ({"momentum": math.nan}, "train.momentum=nan: must be a finite number in [0, 1)"),
+    ({"momentum": 1.0}, "train.momentum=1.0: must be a finite number in [0, 1)"),
+    ({"steps": 0}, "train.steps=0: must be an integer >= 1"),
+    ({"batch_size": 0}, "train.batch_size=0: must be an integer >= 1"),
+    ({"seed": "abc"}, "train.seed='abc': must be an integer >= 0"),
+])
+def test_train_spec_refuses_non_finite_and_out_of_range(kwargs, expected):
+    with pytest.raises(PipelineError) as err:
+        TrainSpec(**{"steps": 2, "lr": 1.0, **kwargs})
+    assert str(err.value) == expected
+
+
+def test_gptq_damp_must_be_finite():
+    for damp in (math.nan, math.inf, 0.0):
+        with pytest.raises(ValueError, match=r"quant.gptq_damp=.*: must be a finite number > 0"):
+            QuantSpec(gptq_damp=damp)
+
+
+def test_non_finite_tensors_and_values_are_not_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(artifacts, "FINITE_CHUNK", 7)  # the chunked check finds a NaN past the first chunk
+    bad = torch.zeros(5, 5)
+    bad[4, 4] = math.nan
+    with pytest.raises(PipelineError, match=r"^R1 holds NaN or inf values: .*r.safetensors is not written"):
+        save_tensors(tmp_path / "r.safetensors", {"ok": torch.zeros(3), "R1": bad}, {"fingerprint": "f"})
+    with pytest.raises(PipelineError, match=r"^stats.act_absmax_max is inf: .*c.json is not written"):
+        write_json(tmp_path / "c.json", {"stats": {"act_absmax_max": math.inf}})
+    with pytest.raises(PipelineError, match=r"^\[1\].ppl is nan: .*t.csv is not written"):
+        write_csv(tmp_path / "t.csv", [{"ppl": 1.0}, {"ppl": math.nan}])
+    assert list(tmp_path.iterdir()) == []
+    save_tensors(tmp_path / "ints.safetensors", {"ids": torch.arange(4)}, {"fingerprint": "f"})  # integers pass
+
+
+@pytest.mark.parametrize("nll,expected", [
+    (math.nan, "the mean NLL is nan: the model computes non-finite logits"),
+    (math.inf, "the mean NLL is inf: the model computes non-finite logits"),
+    (800.0, "the mean NLL is 800.0 nats: its perplexity overflows float64"),
+])
+def test_non_finite_or_overflowing_perplexity_is_an_error(nll, expected):
+    with pytest.raises(PipelineError, match=expected):
+        _ppl(nll)
+    assert _ppl(math.log(20.0)) == pytest.approx(20.0)
+
+
+def test_max_windows_zero_or_negative_is_refused():
+    ids = torch.arange(100)
+    for bad in (0, -1):
+        with pytest.raises(PipelineError, match=f"max_windows={bad}: must be null"):
+            eval_windows(ids, 10, bad)
+    assert eval_windows(ids, 10, None).shape == (10, 10) and eval_windows(ids, 10, 3).shape == (3, 10)
+
+
+def _tiny_training():
+    from test_train import SPIN, _setup
+
+    return _setup(SPIN)
+
+
+def test_training_stops_when_an_update_makes_the_rotations_non_finite(monkeypatch):
+    """A NaN update is caught before the step counts: nothing is checkpointed."""
+    from pipeline import cayley
+
+    model, rotations, windows = _tiny_training()
+    real = cayley.CayleySGD.step
+
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0][0, 0] = math.nan
+        return out
+
+    monkeypatch.setattr(cayley.CayleySGD, "step", poisoned)
+    saved = []
+    with pytest.raises(PipelineError, match=r"the rotations are not finite after step 0: stopped; the last good "
+                                            r"checkpoint \(step 0\) is kept"):
+        train_rotations(model, rotations, windows, TrainSpec(steps=2, lr=1.0, batch_size=2, checkpoint_every=1),
+                        TrainState(), saved.append)
+    assert saved == []
+
+
+def test_training_checks_the_loss_after_the_last_step():
+    """The last update is checked too: a loss that is NaN after it stops the stage (the set is not
+    published); here the last checkpoint callback poisons a weight, as a diverged update would."""
+    from pipeline.adapters import adapter_for
+
+    model, rotations, windows = _tiny_training()
+
+    def poison(state):
+        if state.step == 2:
+            with torch.no_grad():
+                adapter_for(model).layers(model)[0].mlp.up_proj.linear.parametrizations.weight.original.fill_(math.nan)
+
+    with pytest.raises(PipelineError, match=r"the loss after the last step \(2\) is nan: the trained rotations are "
+                                            r"not published"):
+        train_rotations(model, rotations, windows, TrainSpec(steps=2, lr=1.0, batch_size=2, checkpoint_every=1),
+                        TrainState(), poison)
+
+
+@pytest.mark.parametrize("script,override,expected,output", [
+    ("train_rotation.py", "train.lr=nan", "error: train.lr=nan: must be a finite number > 0", "rotations"),
+    ("train_rotation.py", "train.momentum=nan", "error: train.momentum=nan: must be a finite number", "rotations"),
+    ("train_rotation.py", "train.steps=0", "error: train.steps=0: must be an integer >= 1", "rotations"),
+    ("fuse.py", "quant.gptq_damp=nan", "error: quant.gptq_damp=nan: must be a finite number > 0", "fused"),
+    ("calibrate.py", "seed=abc", "error: seed='abc': must be an integer >= 0", "calib"),
+    ("calibrate.py", "calib.seqlen=0", "error: calib.seqlen=0: must be an integer >= 2", "calib"),
+    ("eval.py", "eval.max_windows=0", "error: eval.max_windows=0: must be null or an integer >= 1", "eval"),
+])
+def test_stage_settings_refused_before_any_work(tmp_path, script, override, expected, output):
+    _one_line_error(_stage(tmp_path, script, "+model=tiny_llama", "method=spinquant", override), expected)
+    assert not (tmp_path / "a" / output).exists() and not (tmp_path / "m").exists()
+
+
+def test_artifacts_path_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "a").write_text("not a folder")
+    _one_line_error(_stage(tmp_path, "calibrate.py", "+model=tiny_llama"), "is a file, not a folder")
+
+
+def test_non_utf8_calibration_text_names_the_file(tmp_path):
+    data = tmp_path / "data" / "enwiki-gensim"
+    data.mkdir(parents=True)
+    (data / "enwiki.txt").write_bytes(bytes(range(128, 256)) * 64)
+    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "data=enwiki", f"data.dir={tmp_path / 'data'}")
+    _one_line_error(proc, "enwiki.txt is not UTF-8 text (byte 0: invalid start byte)")
+    assert not (tmp_path / "a" / "calib").exists()
+
+
+def test_a_checkpoint_is_only_evaluated_as_what_it_is(tmp_path):
+    """Another model's config, another method or other bit-widths than the checkpoint records are
+    refused in one line: results are never labelled with what the checkpoint is not."""
+    from dataclasses import replace
+
+    from conftest import model_cfg
+    from pipeline.checkpoint import check_made_for, save_quantized
+    from test_checkpoint import QUAROT, W4A4, _prepared
+
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint, {"model_name": "tiny_llama"})
+    assert check_made_for(tmp_path / "ckpt", model_cfg("tiny_llama"), QUAROT, W4A4)["method"]["name"] == "quarot"
+    with pytest.raises(PipelineError, match=r"was made for model tiny_llama \(fingerprint .*\), not for model=tiny_qwen2"):
+        check_made_for(tmp_path / "ckpt", model_cfg("tiny_qwen2"), QUAROT, W4A4)
+    renamed = model_cfg("tiny_llama")
+    renamed.name = "smollm2_135m"  # same sizes, another name: still refused
+    with pytest.raises(PipelineError, match="not for model=smollm2_135m"):
+        check_made_for(tmp_path / "ckpt", renamed, QUAROT, W4A4)
+    with pytest.raises(PipelineError, match=r"holds another method than the configured one: name=quarot \(config: rtn\)"):
+        check_made_for(tmp_path / "ckpt", model_cfg("tiny_llama"), replace(QUAROT, name="rtn"), W4A4)
+    with pytest.raises(PipelineError, match=r"holds another quant .*a_bits=4 \(config: 16\)"):
+        check_made_for(tmp_path / "ckpt", model_cfg("tiny_llama"), QUAROT, replace(W4A4, a_bits=16, kv_bits=16))
+
+
+def test_eval_stage_refuses_another_models_checkpoint(tmp_path):
+    common = ["method=quarot", "quant=w16a16", "calib.n_windows=2", "calib.seqlen=32", "calib.stats_windows=1"]
+    for script in ("calibrate.py", "train_rotation.py", "fuse.py"):
+        assert _stage(tmp_path, script, "+model=tiny_qwen2", *common).returncode == 0
+    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", *common, "eval.tasks=[]"),
+                    "was made for model tiny_qwen2")
+    assert not (tmp_path / "m" / "eval").exists()
