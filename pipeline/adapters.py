@@ -122,6 +122,18 @@ ADAPTERS: dict[str, DecoderAdapter] = {
 }
 
 
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def check_config(hf_config) -> None:
+    """Refuse, before any weight is read, a model config (``config.json``'s ``model_type``) whose
+    family has no adapter: one line, not the family's own failure deep inside transformers."""
+    model_type = getattr(hf_config, "model_type", None)
+    if MODEL_TYPES.get(model_type) not in ADAPTERS:
+        raise PipelineError(f"unsupported model family model_type={model_type!r}; supported: "
+                            f"{', '.join(f'{k} ({v})' for k, v in sorted(MODEL_TYPES.items()))}")
+
+
 def adapter_for(model: nn.Module) -> DecoderAdapter:
     """The adapter of ``model``'s architecture, chosen by its class (never by its name or path)."""
     arch = type(model).__name__

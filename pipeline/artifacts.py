@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import csv
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -25,28 +28,123 @@ def _umask() -> int:
     return mask
 
 
+def _renameat2():
+    """glibc's ``renameat2`` (Linux >= 3.15, glibc >= 2.28), or None where it is missing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step; False where the system cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock for publishing output ``path``: ``flock`` on its parent folder (no lock file
+    to leave in DVC's outputs), so two stages writing the same output never interleave their renames."""
+    parent = Path(path).parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
 def publish(tmp: Path, path: Path) -> None:
     """Give ``tmp`` (a file or a folder of files from mkstemp/mkdtemp, mode 0600/0700) the usual
-    permissions, then rename it onto ``path``, replacing what was there."""
+    permissions, then move it onto ``path``, replacing what was there, under ``path``'s lock.
+
+    A folder is swapped in with one atomic ``renameat2(RENAME_EXCHANGE)``, so ``path`` is never
+    missing, not even for a reader racing the swap (a system without it falls back to two renames,
+    still under the lock); the old folder is then removed from where ``tmp`` was.
+    """
     mask = _umask()
     for p in [tmp, *(tmp.rglob("*") if tmp.is_dir() else [])]:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-    if path.is_dir():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
+    with output_lock(path):
+        if path.is_dir() and not path.is_symlink():
+            if _exchange(tmp, path):
+                shutil.rmtree(tmp)  # tmp now holds the old folder
+                return
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(folder: Path, prefix: str) -> None:
+    """Remove what killed runs left in ``folder`` under ``prefix``: temps named ``<prefix><pid>-*``
+    whose process is gone (staging folders, ``.tmp`` files, spill and parked folders), and an
+    interrupted swap's ``.old`` folder."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        name = p.name
+        if not name.startswith(prefix):
+            continue
+        pid, sep, _ = name[len(prefix):].partition("-")
+        stale = (sep and pid.isdigit() and not _alive(int(pid))) or name == f"{prefix}old"
+        if stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def private_tempdir(folder: str | Path, prefix: str) -> str:
+    """``mkdtemp`` in ``folder`` named ``<prefix><pid>-*`` (mode 0700), after the leftovers of dead
+    runs under ``prefix`` are removed (``clean_leftovers``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(folder, prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
+
+
+@contextmanager
+def scratch_dir(folder: str | Path, prefix: str) -> Iterator[Path]:
+    """A private temp folder (``private_tempdir``) removed when the block ends, also on error; one a
+    killed run leaves is removed by the next run that uses the same ``prefix`` in ``folder``."""
+    tmp = Path(private_tempdir(folder, prefix))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(private_tempdir(path.parent, f".{path.name}."))
     try:
         yield tmp
         publish(tmp, path)
@@ -59,7 +157,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; it is renamed onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_leftovers(path.parent, f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

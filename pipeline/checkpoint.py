@@ -1,14 +1,15 @@
 """The quantized checkpoint: packed integer weights, scales, online operators, config: safetensors + JSON.
 
-Layout of ``<dir>`` (format 3; self-contained: loading needs neither the base model nor this project's
+Layout of ``<dir>`` (format 4; self-contained: loading needs neither the base model nor this project's
 config):
 - ``model-<j>-of-<L+1>.safetensors``: shard j <= L is decoder layer j - 1, every linear as
   ``<prefix>.linear.qweight`` (int4 nibbles, two per byte along K, low nibble = even k; int8 codes
   above 4 bits) and ``<prefix>.weight_scale`` (out, G), its biases and unit norms, and the transitions
   of its two residual adds (``rsq_transitions.Q_*_<i>``/``M_*_<i>`` rank-r, or dense ``T - I``). Shard
   L + 1 holds the 16-bit embedding, final norm and lm_head. Each shard's metadata names the fingerprint.
-- ``model.safetensors.index.json``: HF's weight map, plus the sha256 of every shard and of
-  ``rsq_config.json`` (checked on load: an edited config or a flipped byte is refused).
+- ``model.safetensors.index.json``: HF's weight map, plus the sha256 of every shard, of
+  ``rsq_config.json`` and of every other file (``config.json``, the tokenizer's), checked on load: an
+  edited config (its ``rms_norm_eps`` or ``rope_theta`` too) or a flipped byte is refused.
 - ``rsq_config.json``: format version, method and quant specs (which online ops to attach), the
   online operators (Hadamard sizes of R3/R4, transition kind and ranks), dtype and fingerprint.
 - ``config.json`` and the tokenizer files: the base model's HF config (untied) and tokenizer.
@@ -45,7 +46,7 @@ from .weight_quant import dequantize, expand, pack, unpack
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "rsq_config.json"
-FORMAT = 3
+FORMAT = 4
 TRANSITIONS = "rsq_transitions."
 
 
@@ -125,14 +126,17 @@ class CheckpointWriter:
         self.weight_map.update({k: name for k in flat})
 
     def finish(self, config: dict[str, Any]) -> None:
-        """Write ``rsq_config.json`` and the index, which records the sha256 of it and of every shard."""
+        """Write ``rsq_config.json`` and the index, which records the sha256 of it, of every shard and
+        of every other file already in the folder (write ``config.json`` and the tokenizer first)."""
         if len(self.sha256) != self.n_layers + 1:
             raise RuntimeError(f"checkpoint has {len(self.sha256)} of {self.n_layers + 1} shards")
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         (self.folder / CONFIG).write_text(text)
+        others = {p.name: file_sha256(p) for p in sorted(self.folder.iterdir())
+                  if p.is_file() and p.name not in self.sha256 and p.name not in (CONFIG, INDEX)}
         index = {"metadata": {"format": f"rsq-{FORMAT}", "fingerprint": self.fingerprint,
                               "rsq_config_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                              "shard_sha256": dict(sorted(self.sha256.items()))},
+                              "shard_sha256": dict(sorted(self.sha256.items())), "file_sha256": others},
                  "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
@@ -160,9 +164,9 @@ def save_quantized(
         for i in range(dims.n_layers):
             writer.write(i + 1, layer_state(model, adapter, i, quant.w_bits))
         writer.write(dims.n_layers + 1, rest_state(model, adapter))
-        writer.finish(config)
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        writer.finish(config)
 
 
 def _read_json(path: Path) -> Any:
@@ -187,12 +191,17 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     index = _read_json(folder / INDEX)
     try:
         meta, _ = index["metadata"], index["weight_map"]
-        expected = meta["rsq_config_sha256"], meta["shard_sha256"]
-    except (KeyError, TypeError):
-        raise PipelineError(f"{folder / INDEX} is not a checkpoint index (no metadata.shard_sha256)") from None
+        expected = meta["rsq_config_sha256"], meta["shard_sha256"], dict(meta["file_sha256"])
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{folder / INDEX} is not a checkpoint index (no metadata.shard_sha256/file_sha256)") from None
     if hashlib.sha256(config_path.read_bytes()).hexdigest() != expected[0]:
         raise PipelineError(f"{config_path} does not match the sha256 recorded in {INDEX}: it was edited or "
                             "corrupted after fuse (its method and bit-widths decide the online ops); rerun fuse")
+    for name, digest in expected[2].items():
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise PipelineError(f"{path} is missing or does not match the sha256 recorded in {INDEX}: it was "
+                                "edited or corrupted after fuse; rerun fuse")
     return config, index
 
 
@@ -428,4 +437,8 @@ def load_tokenizer(folder: str | Path) -> Any:
     """The tokenizer saved beside a quantized checkpoint."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:  # a tokenizer mapped to shipped code, or unreadable files
+        raise PipelineError(f"{folder}: its tokenizer could not be loaded ({str(exc).splitlines()[0][:160]}); "
+                            "remote code is never run") from None

@@ -51,12 +51,12 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
                 resolve_auto_dtype(cfg)
                 try:
                     task(cfg)
-                except OSError as exc:  # a full disk, a read-only or missing folder: one line
-                    if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EACCES):
+                except Exception as exc:  # a full disk, a read-only or missing folder: one line
+                    reason = _os_failure(exc)
+                    if reason is None:
                         raise
-                    where = f" ({exc.filename})" if exc.filename else ""
-                    raise PipelineError(f"{exc.strerror or exc}{where}: stopped (outputs are published atomically, "
-                                        "so none is half-written)") from None
+                    raise PipelineError(f"{reason}: stopped (outputs are published atomically, so none is "
+                                        "half-written)") from None
             except PipelineError as exc:
                 logging.getLogger("pipeline").debug("stage failed", exc_info=True)
                 print(f"error: {exc}", file=sys.stderr)
@@ -65,6 +65,20 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
         _run()
 
     return main
+
+
+_OS_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EACCES)
+
+
+def _os_failure(exc: Exception) -> str | None:
+    """What a full disk or an unwritable folder is, said in a line; None for any other exception.
+    safetensors' writer reports an OSError as ``SafetensorError: ... I/O error: <message> (os error N)``."""
+    if isinstance(exc, OSError) and exc.errno in _OS_ERRNOS:
+        return f"{exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
+        return text.split("I/O error: ", 1)[-1]
+    return None
 
 
 def _check_int(value, what: str, low: int, none_ok: bool = False) -> None:

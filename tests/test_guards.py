@@ -177,3 +177,77 @@ def test_eval_stage_refuses_another_models_checkpoint(tmp_path):
     _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", *common, "eval.tasks=[]"),
                     "was made for model tiny_qwen2")
     assert not (tmp_path / "m" / "eval").exists()
+
+
+def test_unsupported_family_is_refused_before_loading(tmp_path):
+    """A Gemma-2 folder (config only: nothing past the config is read) is one line, for the streamed
+    stages and the whole-model loader alike."""
+    from transformers import AutoConfig
+
+    from conftest import model_cfg
+    from pipeline.models import load_model
+
+    folder = tmp_path / "gemma2"
+    AutoConfig.for_model("gemma2", vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32).save_pretrained(folder)
+    _one_line_error(_stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"model.path={folder}"),
+                    "error: unsupported model family model_type='gemma2'; supported: llama (LlamaForCausalLM)")
+    assert not (tmp_path / "a").exists()
+    cfg = model_cfg("tiny_llama")
+    cfg.path = str(folder)
+    with pytest.raises(PipelineError, match="unsupported model family model_type='gemma2'"):
+        load_model(cfg)
+
+
+def test_checkpoint_code_never_runs(tmp_path):
+    """A model folder whose config maps to its own Python (``auto_map``) gets one line, no
+    "run the custom code? [y/N]" prompt, and its code never runs (it would write a marker file)."""
+    import json
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "code_ran"
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil_model", "architectures": ["EvilForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"}}))
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n" \
+           "class EvilConfig(PretrainedConfig):\n    model_type = 'evil_model'\n"
+    (folder / "configuration_evil.py").write_text(code)
+    (folder / "modeling_evil.py").write_text(code)
+    for script in ("calibrate.py", "train_rotation.py"):
+        proc = _stage(tmp_path, script, "+model=tiny_llama", f"model.path={folder}", "method=spinquant")
+        _one_line_error(proc, "remote code is never run")
+    assert not marker.exists()
+
+
+def test_edited_hf_config_or_tokenizer_of_a_checkpoint_is_refused(tmp_path):
+    """config.json (rms_norm_eps, rope_theta: outside the fingerprint) and the tokenizer files are
+    hashed into the index like the shards: an edit is one line naming the file."""
+    import json
+
+    from pipeline.checkpoint import load_quantized, save_quantized
+    from test_checkpoint import QUAROT, W4A4, _prepared
+
+    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
+    load_quantized(tmp_path / "ckpt")
+    config = tmp_path / "ckpt" / "config.json"
+    edited = json.loads(config.read_text())
+    edited["rms_norm_eps"] = 1e-2
+    config.write_text(json.dumps(edited))
+    with pytest.raises(PipelineError, match=r"config.json is missing or does not match the sha256 recorded"):
+        load_quantized(tmp_path / "ckpt")
+
+
+def test_disk_full_is_one_line():
+    """The two shapes a full disk takes (an OSError, safetensors' SafetensorError) are named in one line."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from pipeline.config import _os_failure
+
+    assert _os_failure(OSError(errno.ENOSPC, "No space left on device", "/x/y")) == "No space left on device (/x/y)"
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert _os_failure(full) == "No space left on device (os error 28)"
+    assert _os_failure(ValueError("other")) is None and _os_failure(OSError(errno.EIO, "io")) is None

@@ -34,12 +34,12 @@ def run(cfg: DictConfig) -> None:
     if tasks:  # a typo in the task list fails now, not after the perplexity pass
         check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
     folder = paths.fused(cfg, name)
-    # the results are labelled with cfg's model, method and quant: the checkpoint must be theirs
-    check_made_for(folder, cfg.model, MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant))
-    stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", loaded_bytes(folder), device, 0.8)
+    stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", lambda: loaded_bytes(folder), device, 0.8)
     if stream and tasks:
         raise PipelineError(f"{folder} is evaluated layer-sequentially (eval.stream), which measures perplexity "
                             "only: zero-shot needs the whole model in memory; set eval.tasks=[] or eval.stream=false")
+    # the results are labelled with cfg's model, method and quant: the checkpoint must be theirs
+    check_made_for(folder, cfg.model, MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant))
     if stream:
         model, reader = open_quantized(folder, device)
     else:

@@ -105,7 +105,7 @@ def run(cfg: DictConfig) -> None:
     # decoder layers when the model does not fit (train.stream)
     model, _, source = open_model(cfg.model, dtype)
     fingerprint = model_fingerprint(model)
-    stream = method.train and choose_stream(cfg.train.get("stream", "auto"), "train.stream", source.nbytes(dtype),
+    stream = method.train and choose_stream(cfg.train.get("stream", "auto"), "train.stream", lambda: source.nbytes(dtype),
                                             device, STREAM_SHARE)
     if stream and fsdp:
         raise PipelineError("train.stream and train.fsdp do not combine (each rank would stream the whole model): "
