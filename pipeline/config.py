@@ -20,7 +20,7 @@ from typing import Callable
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .errors import PipelineError
+from .errors import PipelineError, check_int
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -81,24 +81,16 @@ def _os_failure(exc: Exception) -> str | None:
     return None
 
 
-def _check_int(value, what: str, low: int, none_ok: bool = False) -> None:
-    if value is None and none_ok:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = "null or " if none_ok else ""
-        raise PipelineError(f"{what}={value!r}: must be {extra}an integer >= {low}")
-
-
 def check_common(cfg: DictConfig) -> None:
     """Refuse, in one line and before any work, settings every stage shares: the seed, window counts
     and lengths, and output folders that are files."""
-    _check_int(cfg.get("seed", 0), "seed", 0)
+    check_int(cfg.get("seed", 0), "seed", 0)
     for node, key, low, none_ok in (("calib", "seqlen", 2, False), ("calib", "n_windows", 1, False),
                                     ("eval", "seqlen", 2, False), ("eval", "max_windows", 1, True),
                                     ("rank_sweep", "max_windows", 1, True)):
         section = cfg.get(node)
         if section is not None and key in section:
-            _check_int(section[key], f"{node}.{key}", low, none_ok)
+            check_int(section[key], f"{node}.{key}", low, none_ok)
     for key in ("artifacts", "metrics"):
         path = Path(str(cfg.paths[key])) if "paths" in cfg and key in cfg.paths else None
         if path is not None and path.exists() and not path.is_dir():

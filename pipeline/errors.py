@@ -7,3 +7,13 @@ class PipelineError(Exception):
 
     Stage entry points catch it, print ``error: <message>`` to stderr and exit with status 2.
     """
+
+
+def check_int(value, what: str, low: int, none_ok: bool = False) -> None:
+    """Refuse (PipelineError, one line) a setting ``what`` that is not an integer >= ``low`` (a bool
+    is not an integer here); ``none_ok``: null is allowed too."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = "null or " if none_ok else ""
+        raise PipelineError(f"{what}={value!r}: must be {extra}an integer >= {low}")

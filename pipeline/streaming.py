@@ -39,7 +39,7 @@ class WeightSource:
         raise NotImplementedError
 
     def nbytes(self, dtype: torch.dtype) -> int:
-        """Bytes of every floating tensor once cast to ``dtype`` (what loading the model costs)."""
+        """Bytes of every tensor at ``dtype``'s item size: what loading the model in ``dtype`` costs."""
         return sum(math.prod(self.shape(k)) for k in self.keys()) * dtype.itemsize
 
 

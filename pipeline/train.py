@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import distributed as ddp
 from .cayley import CayleySGD
 from .artifacts import is_finite
-from .errors import PipelineError
+from .errors import PipelineError, check_int
 from .trainable import TrainableRotations
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -45,9 +45,7 @@ class TrainSpec:
     def __post_init__(self) -> None:
         for name, low in (("steps", 1), ("batch_size", 1), ("cayley_iters", 1), ("reorth_every", 0),
                           ("checkpoint_every", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise PipelineError(f"train.{name}={value!r}: must be an integer >= {low}")
+            check_int(getattr(self, name), f"train.{name}", low)
         for name, ok, rule in (("lr", lambda v: v > 0, "> 0"), ("momentum", lambda v: 0 <= v < 1, "in [0, 1)")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
