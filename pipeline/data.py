@@ -129,6 +129,39 @@ def wikitext2_windows(data_cfg: DictConfig | dict, tokenizer, seqlen: int,
     return eval_windows(tokenize(text, tokenizer), seqlen, max_windows), text_digest(text)
 
 
+def corpus_text(path: str | os.PathLike) -> str:
+    """A user's UTF-8 text file as an evaluation corpus, joined as the offline WikiText-2 is: CRLF
+    normalised, the non-blank lines joined by blank lines (``"\n\n"``)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise PipelineError(f"eval.corpus={path}: no such file")
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PipelineError(f"{file} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise PipelineError(f"eval.corpus={path}: cannot read it ({exc.strerror})") from None
+    text = _join_rows(raw.lstrip("\ufeff"), drop_blank=True)
+    if not text:
+        raise PipelineError(f"eval.corpus={path}: the file holds no text")
+    return text
+
+
+def eval_corpus_windows(data_cfg: DictConfig | dict, corpus: str | None, tokenizer, seqlen: int,
+                        max_windows: int | None = None) -> tuple[torch.Tensor, str, str]:
+    """The evaluation windows of ``eval.corpus`` (a text file; None: WikiText-2 test), cut as
+    ``wikitext2_windows`` cuts them (no BOS, non-overlapping, tail dropped); also the text's digest and
+    the metric prefix: ``wikitext2``, or ``corpus`` for a user's file."""
+    if corpus is None:
+        windows, digest = wikitext2_windows(data_cfg, tokenizer, seqlen, max_windows)
+        return windows, digest, "wikitext2"
+    text = corpus_text(corpus)
+    ids = tokenize(text, tokenizer)
+    if ids.numel() < seqlen:
+        raise PipelineError(f"eval.corpus={corpus}: {ids.numel()} tokens, fewer than one window of eval.seqlen={seqlen}")
+    return eval_windows(ids, seqlen, max_windows), text_digest(text), "corpus"
+
+
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """``(n, seqlen)`` windows at random starts, deterministic by ``seed`` (the papers' calibration)."""
     if n < 1:

@@ -7,10 +7,12 @@ part first needs it (a lazy set reads it from disk then), re-orthonormalises it 
 fuse device and keeps only what the next part still needs, so a fuse holds a few D x D matrices, not
 the 2L + 1 of a per-layer set (65 x 128 MiB in float64 for Llama-3-8B).
 
-Per-layer sets with a ``subspace`` (ReSpinQuant) are fused in the bases chained from the approximated
-transitions (``subspace.chained_bases``): ``Â_0 = A_0``, ``B̂_i = Â_i T̂_attn_i``, ``Â_{i+1} = B̂_i T̂_ffn_i``.
-Every product is the one ``chained_bases`` takes, in the same order, so the streamed and the
-whole-model fuse give the same bits.
+Per-layer sets with a ``subspace`` (ReSpinQuant) get the rank-r transitions ``T̂ = I + Q M Qᵀ`` at the
+residual adds. The paper's variant fuses the trained bases as they are (``T̂`` stands in for the
+trained ``T``, a function error at r < D). The chained variant (``chained=True``) fuses the bases chained
+from the approximations (``subspace.chained_bases``): ``Â_0 = A_0``, ``B̂_i = Â_i T̂_attn_i``,
+``Â_{i+1} = B̂_i T̂_ffn_i``; every product is the one ``chained_bases`` takes, in the same order, so the
+streamed and the whole-model fuse give the same bits.
 """
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ class FusionBases:
     """Bases of ``rotations`` (``R1``/``R2.i`` or ``A.i``/``B.i``/``R2.i``) for one fuse, part by part.
 
     ``transitions`` says what the residual adds get: ``none`` (global set), ``dense`` (``T - I`` in the
-    model's ``dtype``) or ``low_rank`` (``Q``, ``M`` in at least float32, from ``subspace``).
+    model's ``dtype``) or ``low_rank`` (``Q``, ``M`` in at least float32, from ``subspace``; the weights
+    in the trained bases, or with ``chained`` in the bases chained from ``Q``, ``M``).
     """
 
     def __init__(self, rotations: Mapping[str, torch.Tensor], n_layers: int,
-                 subspace: Mapping[str, torch.Tensor] | None, device: torch.device, dtype: torch.dtype) -> None:
+                 subspace: Mapping[str, torch.Tensor] | None, device: torch.device, dtype: torch.dtype,
+                 chained: bool = False) -> None:
         self.rotations, self.subspace, self.n_layers = rotations, subspace, n_layers
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.chained = device, dtype, chained
         self.per_layer = any(k.startswith("A.") for k in rotations.keys())
         self.transitions = "low_rank" if subspace is not None else ("dense" if self.per_layer else "none")
         self._held: dict[str, torch.Tensor] = {}
@@ -63,13 +67,16 @@ class FusionBases:
         bases = {"R1": self._basis("R1"), f"R2.{i}": self._basis(f"R2.{i}")}
         transitions: dict[str, torch.Tensor] = {}
         if self.transitions == "low_rank":
-            bases[a_in] = self._basis(a_in)  # the chained basis, held from the previous part
+            bases[a_in] = self._basis(a_in)  # chained: the chained basis, held from the previous part
+            if not self.chained:
+                bases.update({k: self._basis(k) for k in (b, a_out)})
             current = bases[a_in]
             for site, after in (("attn", b), ("ffn", a_out)):
                 key = f"{site}.{i}"
                 Q, M = restore_float64(self.subspace[f"Q.{key}"].to(self.device), self.subspace[f"M.{key}"].to(self.device))
-                current = current + ((current @ Q) @ M) @ Q.T
-                bases[after] = current
+                if self.chained:
+                    current = current + ((current @ Q) @ M) @ Q.T
+                    bases[after] = current
                 t_dtype = torch.promote_types(self.dtype, torch.float32)
                 transitions[f"Q_{site}_{i}"] = _buffer(Q.to(t_dtype))
                 transitions[f"M_{site}_{i}"] = _buffer(M.to(t_dtype))

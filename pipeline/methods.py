@@ -40,6 +40,11 @@ class MethodSpec:
     every layer its own bases A_i, B_i (all starting at R1) with transitions at the residual adds,
     applied exactly (``transition="dense"``, exact layer-wise) or as their rank-r subspace
     approximation (``"low_rank"``, ReSpinQuant; needs the approximate stage's subspace).
+
+    ``chained`` (low-rank only) picks how the weights are fused: ``False`` is the paper's ReSpinQuant
+    (the trained bases fused as trained, ``T̂`` in place of ``T`` online: a function error at r < D);
+    ``True`` is this project's chained variant (weights fused in the bases chained from the ``T̂``:
+    exact at every r, the approximation error moves into the quantization bases). DESIGN §1.
     """
 
     name: str
@@ -51,6 +56,7 @@ class MethodSpec:
     train: bool = False  # trained rotations (SpinQuant protocol); else the initial ones are final
     seed: int = 0
     transition: str = "dense"  # per-layer only: dense | low_rank
+    chained: bool = False  # low_rank only: fuse in the bases chained from the approximations
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -65,6 +71,10 @@ class MethodSpec:
             raise PipelineError(f"method.transition={self.transition}: choose one of {', '.join(TRANSITIONS)}")
         if self.transition == "low_rank" and not self.per_layer:
             raise PipelineError(f"method {self.name}: transition=low_rank needs per_layer=true")
+        if not isinstance(self.chained, bool):
+            raise PipelineError(f"method.chained={self.chained!r}: must be true or false")
+        if self.chained and self.transition != "low_rank":
+            raise PipelineError(f"method {self.name}: chained=true needs transition=low_rank")
         if (self.per_layer or self.train) and self.r1 == "none":
             raise PipelineError(f"method {self.name}: per_layer/train need an r1 to start from")
 
@@ -74,7 +84,7 @@ class MethodSpec:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig | dict) -> "MethodSpec":
-        fields = ("name", "r1", "r2", "online_r3", "online_r4", "per_layer", "train", "seed", "transition")
+        fields = tuple(cls.__dataclass_fields__)
         known = {k: cfg[k] for k in fields if k in cfg}
         if "name" not in known:
             raise PipelineError("method config has no name")
@@ -202,6 +212,18 @@ def check_subspace(subspace: dict[str, torch.Tensor], model: nn.Module) -> None:
             raise PipelineError(f"subspace {key}: Q {tuple(Q.shape)} / M {tuple(M.shape)} do not fit hidden size {dims.hidden}")
 
 
+def check_fuse_inputs(model: nn.Module, method: MethodSpec, rotations: dict[str, torch.Tensor],
+                      subspace: dict[str, torch.Tensor] | None) -> None:
+    """Refuse (one line) a rotation set or subspace set that does not fit ``method`` and ``model``."""
+    check_rotations(rotations, method, model)
+    if method.transition == "low_rank":
+        if subspace is None:
+            raise PipelineError(f"method {method.name} has low-rank transitions: run the approximate stage first")
+        check_subspace(subspace, model)
+    elif subspace is not None:
+        raise PipelineError(f"method {method.name} has no low-rank transitions, but a subspace set was given")
+
+
 @torch.no_grad()
 def fuse_steps(steps: list, bases: dict[str, torch.Tensor], chunk_elements: int = F64_CHUNK_ELEMENTS) -> None:
     """Apply rotation-plan ``steps`` to their tensors in float64 with ``bases`` (float64), in place.
@@ -223,11 +245,12 @@ def empty_transitions(kind: str) -> nn.Module | None:
 
 @torch.no_grad()
 def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dict[str, torch.Tensor],
-                       subspace: dict[str, torch.Tensor] | None = None) -> None:
+                       subspace: dict[str, torch.Tensor] | None = None, chained: bool = False) -> None:
     """Fuse a rotation set into the weights in float64; per-layer sets also get their transitions:
-    dense ``T - I``, or, given a ``subspace`` set (``Q.<key>``, ``M.<key>``), the rank-r ones, with
-    the weights fused in the bases chained from them (``subspace.chained_bases``), so the
-    quantization-off model computes the original function at every rank.
+    dense ``T - I``, or, given a ``subspace`` set (``Q.<key>``, ``M.<key>``), the rank-r ones. The
+    weights are fused in the trained bases (the paper's ReSpinQuant: ``T̂`` replaces ``T``, a function
+    error at r < D), or with ``chained`` in the bases chained from the ``T̂`` (``subspace.chained_bases``),
+    so the quantization-off model computes the original function at every rank.
 
     Every matrix is re-orthonormalised in float64 first (trained sets are stored in float32, orthogonal
     to ~1e-7 only), so the fused model stays function-preserving to float64 precision. The work goes
@@ -235,7 +258,7 @@ def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dic
     """
     device = adapter.embedding(model).weight.device
     bases = FusionBases(rotations, adapter.dims(model).n_layers, subspace, device,
-                        adapter.embedding(model).weight.dtype)
+                        adapter.embedding(model).weight.dtype, chained)
     fuse_steps(embedding_steps(model, adapter), bases.embedding())
     transitions = empty_transitions(bases.transitions)
     for i, layer in enumerate(adapter.layers(model)):
@@ -258,15 +281,9 @@ def prepare_model(
     set fused (+ dense or low-rank transitions) -> weights quantized (RTN, or GPTQ on ``calib``
     windows (N, T) with every online op active).
     """
-    check_rotations(rotations, method, model)
-    if method.transition == "low_rank":
-        if subspace is None:
-            raise PipelineError(f"method {method.name} has low-rank transitions: run the approximate stage first")
-        check_subspace(subspace, model)
-    elif subspace is not None:
-        raise PipelineError(f"method {method.name} has no low-rank transitions, but a subspace set was given")
+    check_fuse_inputs(model, method, rotations, subspace)
     adapter = prepare_base(model, method, quant)
-    apply_rotation_set(model, adapter, rotations, subspace)
+    apply_rotation_set(model, adapter, rotations, subspace, method.chained)
     quantize_weights(model, adapter, quant, calib)
     return model
 

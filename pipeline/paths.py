@@ -55,6 +55,16 @@ def eval_metrics(cfg: DictConfig, name: str) -> Path:
     return metrics(cfg) / "eval" / f"{name}.json"
 
 
+def eval_windows(cfg: DictConfig, name: str) -> Path:
+    """Each evaluation window's mean NLL of a variant (json; the report's paired bootstrap)."""
+    return metrics(cfg) / "eval_windows" / f"{name}.json"
+
+
+def seed_metrics(cfg: DictConfig, seed: int) -> Path:
+    """The metrics folder of a seed run (``pipeline.seed_runs``): ``<metrics>/seeds/seed<k>``."""
+    return metrics(cfg) / "seeds" / f"seed{seed}"
+
+
 def rank_sweep(cfg: DictConfig, name: str) -> Path:
     """WikiText-2 ppl of a low-rank variant at each ``rank_sweep.ranks`` value (csv)."""
     return metrics(cfg) / "rank_sweep" / f"{name}.csv"

@@ -38,21 +38,25 @@ def perplexity(model: nn.Module, windows: torch.Tensor, desc: str = "ppl") -> di
     """Perplexity of ``model`` on ``windows`` ``(n, seqlen)``, one window per forward (batch 1).
 
     Each window predicts its tokens 1..seqlen-1 from the preceding ones, as in the GPTQ/QuaRot protocol.
-    Returns ``{"ppl", "nll", "tokens"}``.
+    Returns ``{"ppl", "nll", "tokens", "window_nll"}``: ``window_nll`` is each window's mean NLL (nats
+    per predicted token), what the report's paired bootstrap resamples.
     """
     model.eval()
     device = _device(model)
-    total_nll, total_tokens = 0.0, 0
+    window_nll: list[float] = []
     bar = tqdm(windows, desc=desc, unit="win")
     for window in bar:
         ids = window.unsqueeze(0).to(device)
         logits = model(ids, use_cache=False).logits[0, :-1].float()
-        nll = F.cross_entropy(logits, ids[0, 1:], reduction="sum")
-        total_nll += nll.item()
-        total_tokens += ids.shape[1] - 1
-        bar.set_postfix(ppl=f"{_ppl(total_nll / total_tokens):.3f}")
-    mean = total_nll / total_tokens
-    return {"ppl": _ppl(mean), "nll": mean, "tokens": total_tokens}
+        window_nll.append(F.cross_entropy(logits, ids[0, 1:]).item())
+        bar.set_postfix(ppl=f"{_ppl(sum(window_nll) / len(window_nll)):.3f}")
+    return _result(window_nll, windows.shape[1] - 1)
+
+
+def _result(window_nll: list[float], tokens_per_window: int) -> dict:
+    """The perplexity result of equal-length windows from their mean NLLs."""
+    mean = sum(window_nll) / len(window_nll)
+    return {"ppl": _ppl(mean), "nll": mean, "tokens": tokens_per_window * len(window_nll), "window_nll": window_nll}
 
 
 @torch.no_grad()
@@ -76,11 +80,9 @@ def perplexity_streamed(model: nn.Module, reader, windows: torch.Tensor, desc: s
     norm = model.get_submodule(adapter.FINAL_NORM)
     head = adapter.lm_head(model)
     device = _device(model)
-    total_nll, total_tokens = 0.0, 0
+    window_nll = []
     for h, window in zip(hidden, windows):
         ids = window.unsqueeze(0).to(device)
         logits = head(norm(h))[0, :-1].float()
-        total_nll += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
-        total_tokens += ids.shape[1] - 1
-    mean = total_nll / total_tokens
-    return {"ppl": _ppl(mean), "nll": mean, "tokens": total_tokens}
+        window_nll.append(F.cross_entropy(logits, ids[0, 1:]).item())
+    return _result(window_nll, windows.shape[1] - 1)

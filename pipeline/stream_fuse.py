@@ -28,7 +28,7 @@ from .checkpoint import CheckpointWriter, checkpoint_config, layer_state, online
 from .errors import PipelineError
 from .fusion_bases import FusionBases
 from .gptq import gptq_layer, layer_inputs, run_layer
-from .methods import (MethodSpec, check_rotations, check_subspace, empty_transitions, fuse_steps,
+from .methods import (MethodSpec, check_fuse_inputs, empty_transitions, fuse_steps,
                       prepare_layer_base, prepare_output_base, quantize_layer_rtn)
 from .online import use_online_attention
 from .quantizers import OFF_BITS, QuantSpec
@@ -57,11 +57,7 @@ def fuse_streamed(
     adapter = adapter_for(model)
     dims = adapter.dims(model)
     dtype = adapter.embedding(model).weight.dtype
-    check_rotations(rotations, method, model)
-    if method.transition == "low_rank":
-        if subspace is None:
-            raise PipelineError(f"method {method.name} has low-rank transitions: run the approximate stage first")
-        check_subspace(subspace, model)
+    check_fuse_inputs(model, method, rotations, subspace)
     gptq = quant.weight_method == "gptq" and quant.w_bits < OFF_BITS
     if gptq and calib is None:
         raise PipelineError("quant.weight_method=gptq needs calibration windows (run the calibrate stage)")
@@ -70,7 +66,7 @@ def fuse_streamed(
     untie_embeddings(model, adapter)  # on the skeleton: lm_head gets its own (meta) weight, read at the end
     use_online_attention(model)
     loader.load_embedding()
-    bases = FusionBases(rotations, dims.n_layers, subspace if method.transition == "low_rank" else None, device, dtype)
+    bases = FusionBases(rotations, dims.n_layers, subspace, device, dtype, method.chained)
     fuse_steps(embedding_steps(model, adapter), bases.embedding())
     transitions = empty_transitions(bases.transitions)
     if transitions is not None:

@@ -6,13 +6,19 @@ approximation ``T̂ = I + Q M Qᵀ`` is orthogonal (``Q`` has orthonormal column
 orthogonal), equals ``T`` at ``r = D`` and ``I`` at ``r = 0``. Online it costs ``2·D·r + r²`` MACs per
 token: ``h @ T̂ = h + ((h @ Q) @ M) @ Qᵀ``.
 
-The bases the weights are fused with are chained from the approximations, so the quantization-off
-model stays exactly the original function at every rank: ``Â_0 = A_0``, then along the stream
-``B̂_i = Â_i T̂_attn_i`` and ``Â_{i+1} = B̂_i T̂_ffn_i``. Each ``T̂`` approximates the transition from the
-chained basis to the trained one (``Â_iᵀ B_i``, then ``B̂_iᵀ A_{i+1}``), so approximation errors do not
-pile up along the layers: every step closes what it can of the remaining gap to the trained basis. At
-``r = D`` the chain reproduces the trained bases (exact layer-wise); at ``r = 0`` every basis is
-``A_0`` (a global rotation with identity transitions).
+Two variants (DESIGN §1), chosen by ``chained``:
+- the paper's ReSpinQuant (``chained=False``): each ``T̂`` approximates the trained transition
+  (``A_iᵀ B_i``, ``B_iᵀ A_{i+1}``) and the trained bases are fused as they are, so the model's function
+  changes by ``T̂ − T`` at every add; ``r = D`` is exact layer-wise, ``r = 0`` an uncorrected basis
+  mismatch.
+- chained (this project's addition, ``chained=True``): the bases the weights are fused with are
+  chained from the approximations, so the quantization-off model stays exactly the original function
+  at every rank: ``Â_0 = A_0``, then along the stream ``B̂_i = Â_i T̂_attn_i`` and
+  ``Â_{i+1} = B̂_i T̂_ffn_i``. Each ``T̂`` approximates the transition from the chained basis to the
+  trained one (``Â_iᵀ B_i``, then ``B̂_iᵀ A_{i+1}``), so approximation errors do not pile up along the
+  layers: every step closes what it can of the remaining gap to the trained basis. At ``r = D`` the
+  chain reproduces the trained bases (exact layer-wise); at ``r = 0`` every basis is ``A_0`` (a global
+  rotation with identity transitions).
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from .errors import PipelineError
 from .rotation_plan import transition_chain
 
 RANK_MODES = ("adaptive", "full")
+SUBSPACE_CHAINED = "chained"  # subspace artifact metadata: "true" (chained variant) or "false" (the paper's)
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,17 @@ def restore_float64(Q: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, tor
     return q, polar(eye + M64) - eye
 
 
+def check_subspace_variant(meta: Mapping[str, str], chained: bool, path) -> None:
+    """Refuse (one line) a subspace artifact made for the other variant: the chained and the paper's
+    ``Q``, ``M`` approximate different transitions. Artifacts from before the paper variant was added
+    carry no mark and are chained."""
+    made_chained = meta.get(SUBSPACE_CHAINED, "true") == "true"
+    if made_chained != chained:
+        made, want = ("chained", "paper") if made_chained else ("paper", "chained")
+        raise PipelineError(f"{path} holds the {made} variant's subspace, this method fuses the {want} variant: "
+                            "rerun the approximate stage")
+
+
 def rotation_digest(rotations: dict[str, torch.Tensor]) -> str:
     """Names the exact per-layer rotation set a subspace was made from (fuse refuses a mismatch)."""
     from .artifacts import tensor_digest_of
@@ -182,14 +200,16 @@ def rotation_digest(rotations: dict[str, torch.Tensor]) -> str:
 
 
 def approximate_set(
-    bases: dict[str, torch.Tensor], n_layers: int, spec: ApproxSpec, progress: bool = True
+    bases: dict[str, torch.Tensor], n_layers: int, spec: ApproxSpec, progress: bool = True,
+    chained: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Approximate every transition of the trained per-layer ``bases`` (``A.i``, ``B.i``: (D, D),
-    float64, orthogonal) along the chain (module doc).
+    float64, orthogonal): the trained transitions, or with ``chained`` those along the chain (module doc).
 
     Returns the subspace tensors ``Q.<key>`` (D, r) and ``M.<key>`` (r, r) (float64; the artifact
-    stores float32) and one metrics row per transition; ``basis_error`` is ‖B̂ − B‖_F / √D between the
-    chained and the trained basis after the add.
+    stores float32) and one metrics row per transition; ``basis_error`` is ‖B̂ − B‖_F / √D between
+    the basis the add leaves the stream in (``before @ T̂``) and the trained basis after it: in the
+    chained variant the drift of the chained bases, in the paper's the mismatch each add leaves.
     """
     from tqdm.auto import tqdm
 
@@ -197,11 +217,14 @@ def approximate_set(
     rows: list[dict] = []
     current = bases["A.0"].to(torch.float64)
     chain = transition_chain(n_layers)
-    for key, _, after in tqdm(chain, desc=f"approximate r={spec.label}", unit="transition", disable=not progress):
+    desc = f"approximate{' chained' if chained else ''} r={spec.label}"
+    for key, before, after in tqdm(chain, desc=desc, unit="transition", disable=not progress):
+        if not chained:
+            current = bases[before].to(torch.float64)
         target = bases[after].to(torch.float64)
         a = approximate(current.T @ target, spec)
         tensors[f"Q.{key}"], tensors[f"M.{key}"] = a.Q, a.M
-        current = current + ((current @ a.Q) @ a.M) @ a.Q.T  # Â @ T̂
+        current = current + ((current @ a.Q) @ a.M) @ a.Q.T  # before @ T̂
         rows.append({"transition": key, "rank": a.rank, "energy": a.energy, "rel_error": a.rel_error,
                      "basis_error": torch.linalg.norm(current - target).item() / math.sqrt(target.shape[0]),
                      "sigma_gap": a.gap, "orth_error": a.orth_error})
@@ -232,12 +255,12 @@ class _Orthonormalized(Mapping):
 
 def approximate_rotations(
     rotations: Mapping[str, torch.Tensor], n_layers: int, spec: ApproxSpec, progress: bool = True,
-    device: torch.device | None = None,
+    device: torch.device | None = None, chained: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """:func:`approximate_set` on a trained per-layer rotation set as stored (``A.i``, ``B.i`` (D, D),
     any float dtype; ``R2.*`` ignored; a lazy ``artifacts.LazyTensors`` too): each basis is read and
     orthonormalised in float64 on ``device`` (default: where it is stored) when the chain reaches it."""
-    return approximate_set(_Orthonormalized(rotations, device), n_layers, spec, progress)
+    return approximate_set(_Orthonormalized(rotations, device), n_layers, spec, progress, chained)
 
 
 def chained_bases(A0: torch.Tensor, Q: dict[str, torch.Tensor], M: dict[str, torch.Tensor],

@@ -5,8 +5,9 @@ fuses each row in memory (no checkpoint written; ``--stream``: layer by layer th
 checkpoint, for a model that does not fit), evaluates WikiText-2 ppl on the eval windows of the
 default pipeline (``eval.*`` in ``conf/``), and appends one CSV row as soon as it is done, so a long
 sweep keeps what it finished. Rows: ``rtn`` (no rotation), the given global sets (``quarot``,
-``spinquant``), ``layerwise`` (exact dense transitions) and ``respinquant`` at each ``--ranks`` value
-(integers, ``full``, ``adaptive``: the subspace of the given layerwise set), each with each ``--weights``
+``spinquant``), ``layerwise`` (exact dense transitions), and ``respinquant`` (the paper's variant) and
+``respinquant_chained`` at each ``--ranks`` value (integers, ``full``, ``adaptive``: the subspace of the
+given layerwise set), each with each ``--weights``
 quantizer (``rtn``, ``gptq`` on the calibration windows of ``artifacts/calib``).
 """
 from __future__ import annotations
@@ -35,19 +36,21 @@ from .subspace import ApproxSpec, approximate_rotations, summarize
 
 FIELDS = ["quant", "weights", "method", "rank", "mean_rank", "mean_energy", "mean_rel_error",
           "mean_basis_error", "wikitext2_ppl", "windows", "seconds", "peak_rss_mib"]
-METHODS = ("rtn", "quarot", "spinquant", "layerwise", "respinquant")
+METHODS = ("rtn", "quarot", "spinquant", "layerwise", "respinquant", "respinquant_chained")
 
 
 def _methods(cfg) -> dict[str, MethodSpec]:
     return {name: MethodSpec.from_cfg(cfg.variants[name].method) for name in cfg.variants}
 
 
-def subspaces(layerwise: dict[str, torch.Tensor], n_layers: int, ranks: list[str]) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]]:
-    """``{rank label: (subspace tensors (float32, as the artifact stores them), summary)}``."""
+def subspaces(layerwise: dict[str, torch.Tensor], n_layers: int, ranks: list[str], chained: bool = False,
+              ) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """``{rank label: (subspace tensors (float32, as the artifact stores them), summary)}`` of the paper's
+    variant, or with ``chained`` of the chained one."""
     out = {}
     for rank in ranks:
         spec = ApproxSpec(rank=int(rank) if rank.isdigit() else rank)
-        tensors, rows = approximate_rotations(layerwise, n_layers, spec, progress=False)
+        tensors, rows = approximate_rotations(layerwise, n_layers, spec, progress=False, chained=chained)
         out[spec.label] = ({k: v.to(torch.float32) for k, v in tensors.items()}, summarize(rows))
     return out
 
@@ -108,9 +111,13 @@ def run(args: argparse.Namespace) -> None:
     for name in ("quarot", "spinquant", "layerwise"):
         if name in rotations:
             rows.append((name, methods[name], rotations[name], None, {}))
-    if "layerwise" in rotations:
-        for label, (sub, summary) in subspaces(rotations["layerwise"], dims.num_hidden_layers, args.ranks).items():
-            rows.append(("respinquant", methods["respinquant"], rotations["layerwise"], sub, {"rank": label, **summary}))
+    for name in ("respinquant", "respinquant_chained"):
+        if "layerwise" not in rotations or name not in args.methods:
+            continue
+        method = methods[name]
+        for label, (sub, summary) in subspaces(rotations["layerwise"], dims.num_hidden_layers, args.ranks,
+                                               method.chained).items():
+            rows.append((name, method, rotations["layerwise"], sub, {"rank": label, **summary}))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     new = not out.exists()

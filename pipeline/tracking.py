@@ -95,12 +95,16 @@ def stage_run(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[
         "model": str(cfg.model.name),
         "git_commit": commit,
         "pipeline_run": pipeline_run_id(cfg, commit),
+        "seed": str(cfg.get("seed", 0)),
     }
     if "method" in cfg:
         tags["method"] = str(cfg.method.name)
     if "quant" in cfg:
         tags["quant"] = str(cfg.quant.name)
         tags["weights"] = str(cfg.quant.get("weight_method", "rtn"))
-    with mlflow.start_run(run_name=f"{stage}/{name}" if name else stage, tags=tags) as run:
+    run_name = f"{stage}/{name}" if name else stage
+    if cfg.get("seed", 0):  # a seed run (pipeline.seed_runs): its runs group by variant and seed
+        run_name += f"/seed{cfg.seed}"
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params(_flatten(container))
         yield run

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from pipeline.data import calibration_text, eval_windows, sample_windows, wikitext2_test_text
+from pipeline.data import (calibration_text, corpus_text, eval_corpus_windows, eval_windows, sample_windows,
+                           wikitext2_test_text)
 from pipeline.errors import PipelineError
 
 
@@ -37,3 +38,24 @@ def test_eval_windows_non_overlapping_and_capped():
     assert eval_windows(ids, 128, max_windows=3).shape == (3, 128)
     with pytest.raises(PipelineError, match="fewer than one window"):
         eval_windows(ids, 2048)
+
+
+class _ByteTokenizer:
+    """One token per byte, no special tokens: enough to check the windowing of a corpus."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode())}
+
+
+def test_corpus_windowed_like_wikitext(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes("\ufeffa b\r\n\r\n\r\nc d\r\n".encode())
+    assert corpus_text(path) == "a b\n\nc d"  # BOM dropped, CRLF normalised, non-blank lines joined by a blank line
+    windows, digest, key = eval_corpus_windows({}, str(path), _ByteTokenizer(), 4)
+    assert key == "corpus" and windows.tolist() == [list(b"a b\n"), list(b"\nc d")]  # tail dropped, no BOS
+    with pytest.raises(PipelineError, match="8 tokens, fewer than one window of eval.seqlen=9"):
+        eval_corpus_windows({}, str(path), _ByteTokenizer(), 9)
+    path.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(PipelineError, match="is not UTF-8 text"):
+        corpus_text(path)
+    assert eval_corpus_windows({"dir": str(SHARED_DATA)}, None, _ByteTokenizer(), 512, 2)[2] == "wikitext2"

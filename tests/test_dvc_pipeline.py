@@ -16,12 +16,13 @@ from pipeline.config import write_params
 
 from mlflow_server import mlflow_server, search_runs
 
-COPY = ["pipeline", "stages", "conf", "notebooks", "cuda_ext", "dvc.yaml", ".dvc/config", ".dvcignore", "pyproject.toml"]
+COPY = ["pipeline", "stages", "conf", "notebooks", "cuda_ext", "dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", "pyproject.toml"]
 TINY = ["model=tiny_llama", "train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2",
         "train.checkpoint_every=1", "calib.stats_windows=2", "eval.seqlen=128", "eval.max_windows=2",
         "eval.limit=2", "eval.tasks=[arc_easy,piqa,hellaswag]", "rank_sweep.ranks=[0,full]",
         "rank_sweep.max_windows=1", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
-        "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8"]
+        "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8", "report.seeds=[0,1]",
+        "report.bootstrap=200"]
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
@@ -69,6 +70,29 @@ def test_dvc_repro_tiny(tmp_path):
         _check_runs(repo, runs, commit)
         _run_notebook(repo, url)
 
+        # a second seed of spinquant (pipeline.seed_runs), then the report with both seeds
+        seeded = _run([sys.executable, "-m", "pipeline.seed_runs", "--seeds", "1", "--variants", "spinquant", *TINY],
+                      repo, env)
+        assert "seed 1 [4/4] eval variant=spinquant" in seeded.stdout
+        assert (repo / "metrics" / "seeds" / "seed1" / "eval_windows" / "spinquant.json").is_file()
+        assert (repo / "runs" / "seeds" / "seed1" / "params.yaml").is_file()
+        seed_runs = [r for r in search_runs(url, "respinquant") if r["tags"].get("seed") == "1"]
+        assert sorted(r["tags"]["stage"] for r in seed_runs) == ["calibrate", "eval", "fuse", "rotate_global"]
+        _run(["dvc", "repro", "-f", "-s", "report"], repo, env)
+        _check_seeded_report(repo)
+
+
+def _check_seeded_report(repo: Path) -> None:
+    import csv
+
+    rows = {r["variant"]: r for r in csv.DictReader((repo / "metrics" / "report" / "methods.csv").open())}
+    assert rows["spinquant"]["seeds"] == "2" and float(rows["spinquant"]["wikitext2_ppl_std"]) > 0
+    assert rows["layerwise"]["seeds"] == "1" and rows["layerwise"]["wikitext2_ppl_std"] == ""
+    assert rows["spinquant"]["ratio_vs_spinquant"] == ""  # no ratio to itself
+    low, ratio, high = (float(rows["quarot"][f"ratio_vs_spinquant{k}"]) for k in ("_ci_low", "", "_ci_high"))
+    assert low <= ratio <= high and rows["quarot"]["significant_vs_spinquant"] in ("yes", "no")
+    assert "± " in (repo / "results.md").read_text()
+
 
 def _check_outputs(repo: Path) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -89,8 +113,12 @@ def _check_outputs(repo: Path) -> None:
     fp = json.loads((repo / "metrics" / "eval" / "fp16.json").read_text())["wikitext2_ppl"]
     rtn = json.loads((repo / "metrics" / "eval" / "rtn.json").read_text())["wikitext2_ppl"]
     assert fp != rtn  # quantization really happened
-    sweep = (repo / "metrics" / "rank_sweep" / "respinquant.csv").read_text().splitlines()
-    assert sweep[0].startswith("rank,mean_rank") and [line.split(",")[0] for line in sweep[1:]] == ["0", "full"]
+    for name in ("respinquant", "respinquant_chained"):  # both variants against the rank
+        sweep = (repo / "metrics" / "rank_sweep" / f"{name}.csv").read_text().splitlines()
+        assert sweep[0].startswith("rank,mean_rank") and [line.split(",")[0] for line in sweep[1:]] == ["0", "full"]
+    for name in params["variants"]:
+        windows = json.loads((repo / "metrics" / "eval_windows" / f"{name}.json").read_text())
+        assert len(windows["window_nll"]) == 2 and windows["seed"] == 0
     results = (repo / "results.md").read_text()
     for variant in params["variants"]:
         assert f"| {variant} |" in results
@@ -98,8 +126,14 @@ def _check_outputs(repo: Path) -> None:
     bench = json.loads((repo / "metrics" / "bench.json").read_text())
     assert bench["backend"] == "cpu" and {r["op"] for r in bench["rows"]} >= {"linear_w4a4", "decoder_layer_w4a4"}
     table = (repo / "metrics" / "report" / "methods.csv").read_text().splitlines()
-    assert table[0] == "variant,method,quant,weights,wikitext2_ppl,arc_easy,piqa,zeroshot_avg"
+    assert table[0] == ("variant,method,quant,weights,seeds,wikitext2_ppl,wikitext2_ppl_mean,wikitext2_ppl_std,"
+                        "ratio_vs_spinquant,ratio_vs_spinquant_ci_low,ratio_vs_spinquant_ci_high,significant_vs_spinquant,"
+                        "ratio_vs_layerwise,ratio_vs_layerwise_ci_low,ratio_vs_layerwise_ci_high,significant_vs_layerwise,"
+                        "arc_easy,piqa,zeroshot_avg")
     assert len(table) == 1 + len(params["variants"])
+    assert ckpt["method"]["chained"] is False
+    chained = json.loads((repo / "artifacts" / "fused" / "respinquant_chained" / "rsq_config.json").read_text())
+    assert chained["method"]["chained"] is True and chained["online"]["transitions"] == "low_rank"
 
 
 def _check_runs(repo: Path, runs: list[dict], commit: str) -> None:
@@ -108,7 +142,7 @@ def _check_runs(repo: Path, runs: list[dict], commit: str) -> None:
     assert stages.count("calibrate") == 1 and stages.count("eval") == len(params["variants"])
     assert stages.count("rotate_global") == len(params["global_variants"])
     assert stages.count("approximate") == len(params["approx_variants"])
-    assert stages.count("rank_sweep") == 1 and stages.count("report") == 1 and stages.count("bench") == 1
+    assert stages.count("rank_sweep") == 2 and stages.count("report") == 1 and stages.count("bench") == 1
     assert {r["tags"]["pipeline_run"] for r in runs} == {r["tags"]["pipeline_run"] for r in runs[:1]}
     assert runs[0]["tags"]["pipeline_run"].startswith(commit[:8] + "-")
     for run in runs:

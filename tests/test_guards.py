@@ -3,6 +3,7 @@ settings every stage shares are checked before any work (issue 2/6; the cases of
 ``shared/reviews/reliability.md``)."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -177,6 +178,23 @@ def test_eval_stage_refuses_another_models_checkpoint(tmp_path):
     _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", *common, "eval.tasks=[]"),
                     "was made for model tiny_qwen2")
     assert not (tmp_path / "m" / "eval").exists()
+
+    # the same checkpoint on a user's own text (eval.corpus): same windowing, keys corpus_*
+    corpus = tmp_path / "domain.txt"
+    corpus.write_text("\ufeffFirst line of my domain.\r\n\r\n" + "More text about the domain. " * 200 + "\n")
+    proc = _stage(tmp_path, "eval.py", "+model=tiny_qwen2", *common, "eval.tasks=[]", f"eval.corpus={corpus}",
+                  "eval.seqlen=64", "eval.max_windows=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "m" / "eval" / "quarot_w16a16.json").read_text())
+    assert result["corpus"] == str(corpus) and result["corpus_windows"] == 3 and result["corpus_ppl"] > 1
+    assert "wikitext2_ppl" not in result
+    windows = json.loads((tmp_path / "m" / "eval_windows" / "quarot_w16a16.json").read_text())
+    assert len(windows["window_nll"]) == 3 and windows["text_sha256"] == result["corpus_text_sha256"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    for path, message in ((tmp_path / "none.txt", "no such file"), (empty, "the file holds no text")):
+        _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_qwen2", *common, f"eval.corpus={path}"),
+                        f"eval.corpus={path}: {message}")
 
 
 def test_unsupported_family_is_refused_before_loading(tmp_path):

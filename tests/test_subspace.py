@@ -111,14 +111,16 @@ def test_bad_energy(energy):
 # --- inside a fused model: float64, quantization off ---
 
 LAYERWISE = MethodSpec(name="layerwise", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True, per_layer=True)
-RESPIN = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True,
-                    per_layer=True, transition="low_rank")
+RESPIN = MethodSpec(name="respinquant_chained", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True,
+                    per_layer=True, transition="low_rank", chained=True)
+PAPER = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True,
+                   per_layer=True, transition="low_rank", chained=False)
 
 
-def _subspace(model, rotations, rank) -> dict[str, torch.Tensor]:
+def _subspace(model, rotations, rank, chained: bool = True) -> dict[str, torch.Tensor]:
     dims = adapter_for(model).dims(model)
     bases = {k: orthonormalize(v.double()) for k, v in rotations.items() if not k.startswith("R2.")}
-    return approximate_set(bases, dims.n_layers, ApproxSpec(rank=rank), progress=False)[0]
+    return approximate_set(bases, dims.n_layers, ApproxSpec(rank=rank), progress=False, chained=chained)[0]
 
 
 def _original(name, tokens):
@@ -128,12 +130,51 @@ def _original(name, tokens):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_full_rank_reproduces_exact_layerwise_float64(name, tokens):
+@pytest.mark.parametrize("method", [RESPIN, PAPER], ids=["chained", "paper"])
+def test_full_rank_reproduces_exact_layerwise_float64(name, method, tokens):
     rotations = _random_per_layer_set(_f64_model(name), seed=7)
     exact = _logits(prepare_model(_f64_model(name), LAYERWISE, rotations, QuantSpec()), tokens)
     model = _f64_model(name)
-    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, "full"))
+    prepare_model(model, method, rotations, QuantSpec(), _subspace(model, rotations, "full", method.chained))
     assert _max_rel(_logits(model, tokens), exact) <= 1e-9
+
+
+def test_paper_variant_function_error_is_measured_float64(tokens, capsys):
+    """The paper's variant fuses the trained bases and puts T̂ in place of T: quantization off, its
+    function error at r < D is that of the dropped part of ΔT. Measured (printed), not asserted to be
+    zero; it must shrink to float64 rounding at r = D, and at r = 0 be the uncorrected basis mismatch
+    (the trained bases fused with identity transitions)."""
+    rotations = _random_per_layer_set(_f64_model("tiny_llama"), seed=7)
+    original = _original("tiny_llama", tokens)
+    errors = {}
+    for rank in (0, 8, 32, 96, "full"):
+        model = _f64_model("tiny_llama")
+        prepare_model(model, PAPER, rotations, QuantSpec(), _subspace(model, rotations, rank, chained=False))
+        errors[rank] = _max_rel(_logits(model, tokens), original)
+    with capsys.disabled():
+        print("\npaper-variant max relative logit error (tiny_llama, random per-layer set, float64):",
+              ", ".join(f"r={r}: {e:.2e}" for r, e in errors.items()))
+    assert errors["full"] <= 1e-9
+    assert errors[0] > 1e-3 and errors[96] > 1e-9  # a real perturbation below full rank
+    assert errors[96] < errors[0]
+
+
+def test_paper_and_chained_subspaces_differ():
+    """Beyond the first add the paper's variant approximates the trained transition, the chained one
+    the gap left by the chain: different Q, M (and a fuse refuses the other variant's artifact)."""
+    from pipeline.subspace import check_subspace_variant
+
+    model = _f64_model("tiny_llama")
+    rotations = _random_per_layer_set(model, seed=7)
+    chained, paper = _subspace(model, rotations, 8, True), _subspace(model, rotations, 8, False)
+    assert torch.equal(chained["Q.attn.0"], paper["Q.attn.0"])  # both start from A_0
+    assert (chained["M.ffn.1"] - paper["M.ffn.1"]).abs().max() > 1e-3
+    check_subspace_variant({"chained": "false"}, False, "s.safetensors")
+    check_subspace_variant({}, True, "old.safetensors")  # made before the mark: chained
+    with pytest.raises(PipelineError, match="holds the chained variant's subspace, this method fuses the paper"):
+        check_subspace_variant({"chained": "true"}, False, "s.safetensors")
+    with pytest.raises(PipelineError, match="holds the paper variant's subspace"):
+        check_subspace_variant({"chained": "false"}, True, "s.safetensors")
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -207,6 +248,8 @@ def test_low_rank_method_needs_a_subspace():
         prepare_model(model, RESPIN, rotations, QuantSpec())
     with pytest.raises(PipelineError, match="transition=low_rank needs per_layer=true"):
         MethodSpec(name="x", r1="hadamard", transition="low_rank")
+    with pytest.raises(PipelineError, match="chained=true needs transition=low_rank"):
+        MethodSpec(name="x", r1="hadamard", per_layer=True, chained=True)
 
 
 def test_polar_falls_back_when_the_svd_fails(monkeypatch):

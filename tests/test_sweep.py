@@ -45,9 +45,13 @@ def test_sweep_writes_one_row_per_method_rank_and_quantizer(tmp_path):
     rows = list(csv.DictReader(out.open()))
     assert [(r["method"], r["rank"]) for r in rows] == [
         ("rtn", ""), ("quarot", ""), ("layerwise", ""), ("respinquant", "0"), ("respinquant", "full"),
-        ("respinquant", "adaptive0.9")]
+        ("respinquant", "adaptive0.9"), ("respinquant_chained", "0"), ("respinquant_chained", "full"),
+        ("respinquant_chained", "adaptive0.9")]
     assert all(float(r["wikitext2_ppl"]) > 1 and r["weights"] == "rtn" for r in rows)
     assert float(rows[4]["mean_rank"]) == 192 and float(rows[4]["mean_rel_error"]) < 1e-9
+    # r = 0: the paper's variant keeps the trained bases (a basis mismatch), the chained one fuses A_0
+    assert rows[3]["wikitext2_ppl"] != rows[6]["wikitext2_ppl"]
+    assert float(rows[3]["mean_basis_error"]) > 0.01 and float(rows[7]["mean_basis_error"]) < 1e-9
 
 
 def test_sweep_bad_input_is_one_line(tmp_path):

@@ -14,7 +14,7 @@ from ..errors import PipelineError
 from ..methods import MethodSpec, check_rotations
 from ..models import model_fingerprint
 from ..streaming import open_model
-from ..subspace import ApproxSpec, approximate_rotations, rotation_digest, summarize
+from ..subspace import SUBSPACE_CHAINED, ApproxSpec, approximate_rotations, rotation_digest, summarize
 from ..tracking import stage_run
 
 
@@ -36,14 +36,16 @@ def run(cfg: DictConfig) -> None:
         # the float64 eigh/SVD math runs on the device (factory calls inside default to it too), one
         # basis read from disk at a time
         with device:
-            tensors, rows = approximate_rotations(rotations, dims.num_hidden_layers, spec, device=device)
+            tensors, rows = approximate_rotations(rotations, dims.num_hidden_layers, spec, device=device,
+                                                  chained=method.chained)
         summary = summarize(rows)
         meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
-                "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True))}
+                "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True)),
+                SUBSPACE_CHAINED: json.dumps(method.chained)}
         save_tensors(paths.subspace(cfg, cfg.sources["subspace"]), {k: v.to("cpu", torch.float32) for k, v in tensors.items()}, meta)
         csv_path = paths.approx_metrics(cfg, name)
         write_csv(csv_path, rows)
-        write_json(csv_path.with_suffix(".json"), {"rank": spec.label, **summary})
-        mlflow.log_params({"approx_rank": spec.label, "approx_energy": spec.energy})
+        write_json(csv_path.with_suffix(".json"), {"rank": spec.label, "chained": method.chained, **summary})
+        mlflow.log_params({"approx_rank": spec.label, "approx_energy": spec.energy, "approx_chained": method.chained})
         mlflow.log_metrics({k: v for k, v in summary.items() if v is not None})
         mlflow.log_artifact(str(csv_path))

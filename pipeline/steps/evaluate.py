@@ -5,7 +5,9 @@ on ``device``. A model that does not fit (``eval.stream``: ``auto`` decides from
 and the device's free memory) is evaluated layer-sequentially, perplexity only.
 ``metrics/eval/<variant>.json`` holds ``wikitext2_ppl``, ``zeroshot_avg`` and one key per zero-shot
 task (its headline metric: acc_norm where lm-eval's task defines it, else acc), plus ``<task>_acc`` /
-``<task>_acc_norm``, the tasks that ran and the tasks skipped (no data).
+``<task>_acc_norm``, the tasks that ran and the tasks skipped (no data). ``eval.corpus`` (a UTF-8 text
+file) replaces WikiText-2 with the user's text, windowed the same way; its keys are ``corpus_*``.
+``metrics/eval_windows/<variant>.json`` keeps each window's mean NLL (the report's bootstrap).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .. import paths
 from ..artifacts import write_json
 from ..checkpoint import check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
 from ..config import select_variant
-from ..data import check_seqlen, wikitext2_windows
+from ..data import check_seqlen, corpus_text, eval_corpus_windows
 from ..devices import choose_stream, resolve_device
 from ..errors import PipelineError
 from ..methods import MethodSpec, quant_spec
@@ -33,6 +35,8 @@ def run(cfg: DictConfig) -> None:
     tasks = list(cfg.eval.get("tasks") or [])
     if tasks:  # a typo in the task list fails now, not after the perplexity pass
         check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
+    if cfg.eval.get("corpus"):  # a bad corpus fails now, before the checkpoint is loaded
+        corpus_text(cfg.eval.corpus)
     folder = paths.fused(cfg, name)
     stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", lambda: loaded_bytes(folder), device, 0.8)
     if stream and tasks:
@@ -46,21 +50,27 @@ def run(cfg: DictConfig) -> None:
         model, reader = load_quantized(folder, device=device), None
     tok = load_tokenizer(folder)
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
-    windows, digest = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.eval.max_windows)
+    corpus = cfg.eval.get("corpus")
+    windows, digest, key = eval_corpus_windows(cfg.data, corpus, tok, cfg.eval.seqlen, cfg.eval.max_windows)
     with stage_run(cfg, "eval", name):
         if reader is not None:
-            result = perplexity_streamed(model, reader, windows, desc=f"wikitext2 {name}")
+            result = perplexity_streamed(model, reader, windows, desc=f"{key} {name}")
         else:
-            result = perplexity(model, windows, desc=f"wikitext2 {name}")
-        metrics = {"wikitext2_ppl": result["ppl"], "wikitext2_windows": windows.shape[0],
-                   "wikitext2_seqlen": windows.shape[1], "wikitext2_tokens": result["tokens"]}
+            result = perplexity(model, windows, desc=f"{key} {name}")
+        metrics = {f"{key}_ppl": result["ppl"], f"{key}_windows": windows.shape[0],
+                   f"{key}_seqlen": windows.shape[1], f"{key}_tokens": result["tokens"]}
         zeroshot = {}
         if tasks:
             zeroshot = evaluate_zeroshot(model, tok, cfg.data, tasks, cfg.eval.limit,
                                          batch_size=cfg.eval.batch_size, seed=cfg.seed)
         write_json(paths.eval_metrics(cfg, name), {"method": cfg.method.name, "quant": cfg.quant.name,
                                                    "weights": cfg.quant.get("weight_method", "rtn"),
-                                                   "layer_sequential": stream,
-                                                   "wikitext2_text_sha256": digest, **metrics, **zeroshot})
+                                                   "seed": cfg.get("seed", 0), "layer_sequential": stream,
+                                                   "corpus": str(corpus) if corpus else "wikitext2",
+                                                   f"{key}_text_sha256": digest, **metrics, **zeroshot})
+        write_json(paths.eval_windows(cfg, name), {"seed": cfg.get("seed", 0),
+                                                   "corpus": str(corpus) if corpus else "wikitext2",
+                                                   "text_sha256": digest, "seqlen": windows.shape[1],
+                                                   "window_nll": result["window_nll"]})
         mlflow.log_metrics({**metrics, **{k: v for k, v in zeroshot.items() if isinstance(v, float)}})
         mlflow.log_artifact(str(paths.eval_metrics(cfg, name)))

@@ -21,7 +21,7 @@ from ..methods import MethodSpec, quant_spec
 from ..models import model_fingerprint
 from ..stream_fuse import fuse_streamed
 from ..streaming import open_model
-from ..subspace import rotation_digest
+from ..subspace import check_subspace_variant, rotation_digest
 from ..tracking import stage_run
 
 
@@ -39,6 +39,7 @@ def run(cfg: DictConfig) -> None:
         subspace, meta = load_tensors(sub_path, fingerprint)
         if meta.get("rotations") != rotation_digest(rotations):
             raise PipelineError(f"{sub_path} was made from other rotations: rerun the approximate stage")
+        check_subspace_variant(meta, method.chained, sub_path)
     windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
     windows = windows["windows"]
     with stage_run(cfg, "fuse", name):

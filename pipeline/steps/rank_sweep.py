@@ -54,14 +54,16 @@ def run(cfg: DictConfig) -> None:
         mlflow.log_param("layer_sequential", stream)
         for spec in specs:
             start = time.perf_counter()
-            tensors, transition_rows = approximate_rotations(rotations, n_layers, spec, progress=False)
+            tensors, transition_rows = approximate_rotations(rotations, n_layers, spec, progress=False,
+                                                             chained=method.chained)
             summary = summarize(transition_rows)
             subspace = {k: v.to(torch.float32) for k, v in tensors.items()}
             ppl = fused_perplexity(cfg.model, method, rotations, quant, subspace, calib, windows, device, dtype,
                                    stream, desc=f"{name} r={spec.label}")
             rows.append({"rank": spec.label, "mean_rank": summary["approx_mean_rank"],
                          "mean_energy": summary["approx_mean_energy"],
-                         "mean_rel_error": summary["approx_mean_rel_error"], "wikitext2_ppl": ppl,
+                         "mean_rel_error": summary["approx_mean_rel_error"],
+                         "mean_basis_error": summary["approx_mean_basis_error"], "wikitext2_ppl": ppl,
                          "windows": windows.shape[0], "seconds": round(time.perf_counter() - start, 1)})
             mlflow.log_metric("rank_sweep_ppl", ppl, step=int(round(summary["approx_mean_rank"])))
         write_csv(paths.rank_sweep(cfg, name), rows)
