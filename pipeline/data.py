@@ -148,14 +148,16 @@ def corpus_text(path: str | os.PathLike) -> str:
 
 
 def eval_corpus_windows(data_cfg: DictConfig | dict, corpus: str | None, tokenizer, seqlen: int,
-                        max_windows: int | None = None) -> tuple[torch.Tensor, str, str]:
+                        max_windows: int | None = None, text: str | None = None) -> tuple[torch.Tensor, str, str]:
     """The evaluation windows of ``eval.corpus`` (a text file; None: WikiText-2 test), cut as
     ``wikitext2_windows`` cuts them (no BOS, non-overlapping, tail dropped); also the text's digest and
-    the metric prefix: ``wikitext2``, or ``corpus`` for a user's file."""
+    the metric prefix: ``wikitext2``, or ``corpus`` for a user's file. ``text``: the corpus's
+    ``corpus_text`` when the caller has read it already."""
     if corpus is None:
         windows, digest = wikitext2_windows(data_cfg, tokenizer, seqlen, max_windows)
         return windows, digest, "wikitext2"
-    text = corpus_text(corpus)
+    if text is None:
+        text = corpus_text(corpus)
     ids = tokenize(text, tokenizer)
     if ids.numel() < seqlen:
         raise PipelineError(f"eval.corpus={corpus}: {ids.numel()} tokens, fewer than one window of eval.seqlen={seqlen}")

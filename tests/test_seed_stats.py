@@ -98,3 +98,36 @@ def test_seed_runs_refuse_seed_zero(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--seeds", "0"])
     assert exc.value.code == 2 and "seed 0 is what dvc repro makes" in capsys.readouterr().err
+
+
+def _report_cfg(tmp_path):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"variants": {"spinquant": {}, "quarot": {}}, "paths": {"metrics": str(tmp_path)},
+                             "report": {"seeds": [0, 1], "bootstrap": 100, "level": 0.95}})
+
+
+def _write_eval(root, name, method, nll, seed=0, sha="abc"):
+    import json
+
+    (root / "eval").mkdir(parents=True, exist_ok=True)
+    (root / "eval_windows").mkdir(parents=True, exist_ok=True)
+    (root / "eval" / f"{name}.json").write_text(json.dumps(
+        {"method": method, "quant": "w4a4kv4", "weights": "rtn", "wikitext2_ppl": math.exp(sum(nll) / len(nll))}))
+    (root / "eval_windows" / f"{name}.json").write_text(json.dumps(
+        {"seed": seed, "corpus": "wikitext2", "text_sha256": sha, "seqlen": 8, "window_nll": nll}))
+
+
+def test_report_rows_pair_every_seed_and_refuse_other_windows(tmp_path):
+    from pipeline.steps.report import method_rows
+
+    _write_eval(tmp_path, "spinquant", "spinquant", [3.0, 3.2])
+    _write_eval(tmp_path, "quarot", "quarot", [3.1, 3.3])
+    _write_eval(tmp_path / "seeds" / "seed1", "spinquant", "spinquant", [3.4, 3.0], seed=1)
+    rows = {r["variant"]: r for r in method_rows(_report_cfg(tmp_path))}
+    assert rows["spinquant"]["seeds"] == 2 and rows["quarot"]["seeds"] == 1
+    assert rows["quarot"]["ratio_vs_spinquant"] == pytest.approx(math.exp(0.1))  # paired on seed 0 only
+    assert rows["spinquant"]["ratio_vs_spinquant"] is None and rows["quarot"]["ratio_vs_layerwise"] is None
+    _write_eval(tmp_path / "seeds" / "seed1", "spinquant", "spinquant", [3.4, 3.0], seed=1, sha="other")
+    with pytest.raises(PipelineError, match=r"spinquant \(seed 0\) and spinquant \(seed 1\) were evaluated on different windows"):
+        method_rows(_report_cfg(tmp_path))

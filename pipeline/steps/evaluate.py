@@ -35,8 +35,9 @@ def run(cfg: DictConfig) -> None:
     tasks = list(cfg.eval.get("tasks") or [])
     if tasks:  # a typo in the task list fails now, not after the perplexity pass
         check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
-    if cfg.eval.get("corpus"):  # a bad corpus fails now, before the checkpoint is loaded
-        corpus_text(cfg.eval.corpus)
+    corpus = cfg.eval.get("corpus")
+    text = corpus_text(corpus) if corpus else None  # a bad corpus fails now, before the checkpoint is loaded
+    corpus_name = str(corpus) if corpus else "wikitext2"
     folder = paths.fused(cfg, name)
     stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", lambda: loaded_bytes(folder), device, 0.8)
     if stream and tasks:
@@ -50,8 +51,7 @@ def run(cfg: DictConfig) -> None:
         model, reader = load_quantized(folder, device=device), None
     tok = load_tokenizer(folder)
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
-    corpus = cfg.eval.get("corpus")
-    windows, digest, key = eval_corpus_windows(cfg.data, corpus, tok, cfg.eval.seqlen, cfg.eval.max_windows)
+    windows, digest, key = eval_corpus_windows(cfg.data, corpus, tok, cfg.eval.seqlen, cfg.eval.max_windows, text)
     with stage_run(cfg, "eval", name):
         if reader is not None:
             result = perplexity_streamed(model, reader, windows, desc=f"{key} {name}")
@@ -66,11 +66,9 @@ def run(cfg: DictConfig) -> None:
         write_json(paths.eval_metrics(cfg, name), {"method": cfg.method.name, "quant": cfg.quant.name,
                                                    "weights": cfg.quant.get("weight_method", "rtn"),
                                                    "seed": cfg.get("seed", 0), "layer_sequential": stream,
-                                                   "corpus": str(corpus) if corpus else "wikitext2",
-                                                   f"{key}_text_sha256": digest, **metrics, **zeroshot})
+                                                   "corpus": corpus_name, f"{key}_text_sha256": digest, **metrics, **zeroshot})
         write_json(paths.eval_windows(cfg, name), {"seed": cfg.get("seed", 0),
-                                                   "corpus": str(corpus) if corpus else "wikitext2",
-                                                   "text_sha256": digest, "seqlen": windows.shape[1],
+                                                   "corpus": corpus_name, "text_sha256": digest, "seqlen": windows.shape[1],
                                                    "window_nll": result["window_nll"]})
         mlflow.log_metrics({**metrics, **{k: v for k, v in zeroshot.items() if isinstance(v, float)}})
         mlflow.log_artifact(str(paths.eval_metrics(cfg, name)))

@@ -36,10 +36,10 @@ def _read_json(path: Path, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def window_nlls(cfg: DictConfig, name: str) -> dict[int, torch.Tensor]:
-    """``{seed: (W,) mean NLL of each window}`` of variant ``name`` over ``report.seeds`` (seed 0 from
+def window_tables(cfg: DictConfig, name: str) -> dict[int, dict]:
+    """``{seed: metrics/eval_windows json}`` of variant ``name`` over ``report.seeds`` (seed 0 from
     ``dvc repro``'s metrics, seed k from ``pipeline.seed_runs``'); seed 0 must be there, others may be
-    missing (a variant run under fewer seeds)."""
+    missing (a variant run under fewer seeds). Each file is read once."""
     out = {}
     for seed in cfg.report.get("seeds") or [0]:
         root = paths.metrics(cfg) if seed == 0 else paths.seed_metrics(cfg, seed)
@@ -49,22 +49,23 @@ def window_nlls(cfg: DictConfig, name: str) -> dict[int, torch.Tensor]:
         data = _read_json(path, f"run the eval stage of variant {name} first")
         if data.get("seed", 0) != seed:
             raise PipelineError(f"{path} records seed {data.get('seed')}, its folder says seed {seed}")
-        out[seed] = torch.tensor(data["window_nll"], dtype=torch.float64)
+        out[seed] = data
     return out
 
 
-def _check_paired(cfg: DictConfig, names: list[str]) -> str:
+def _check_paired(tables: dict[str, dict[int, dict]]) -> str:
     """Every variant and seed was evaluated on the same windows of the same text; its metric prefix."""
-    seen = {}
-    for name in names:
-        data = _read_json(paths.eval_windows(cfg, name), f"run the eval stage of variant {name} first")
-        seen[name] = (data["corpus"], data["text_sha256"], data["seqlen"], len(data["window_nll"]))
-    if len(set(seen.values())) > 1:
-        first = names[0]
-        other = next(n for n in names if seen[n] != seen[first])
-        raise PipelineError(f"variants {first} and {other} were evaluated on different windows "
-                            f"({seen[first][0]} x{seen[first][3]} vs {seen[other][0]} x{seen[other][3]}): rerun eval")
-    return "wikitext2" if seen[names[0]][0] == "wikitext2" else "corpus"
+    def signature(data: dict) -> tuple:
+        return data["corpus"], data["text_sha256"], data["seqlen"], len(data["window_nll"])
+
+    runs = [(name, seed, signature(data)) for name, by_seed in tables.items() for seed, data in by_seed.items()]
+    first = runs[0]
+    for other in runs[1:]:
+        if other[2] != first[2]:
+            raise PipelineError(f"variants {first[0]} (seed {first[1]}) and {other[0]} (seed {other[1]}) were "
+                                f"evaluated on different windows ({first[2][0]} x{first[2][3]} vs "
+                                f"{other[2][0]} x{other[2][3]}): rerun eval")
+    return "wikitext2" if first[2][0] == "wikitext2" else "corpus"
 
 
 def _reference(rows: list[dict], row: dict, method: str) -> dict | None:
@@ -74,41 +75,42 @@ def _reference(rows: list[dict], row: dict, method: str) -> dict | None:
     return (same or same_quant or [None])[0]
 
 
+def _ratio_columns(row: dict, ref: dict | None, nlls: dict[str, dict[int, torch.Tensor]], method: str,
+                   draws: int, level: float) -> dict:
+    """``ratio_vs_<method>`` (+ interval, significance) of ``row`` against ``ref``; empty cells without one."""
+    cols = [f"ratio_vs_{method}", f"ratio_vs_{method}_ci_low", f"ratio_vs_{method}_ci_high",
+            f"significant_vs_{method}"]
+    if ref is None or ref is row:
+        return dict.fromkeys(cols)
+    mine, theirs = nlls[row["variant"]], nlls[ref["variant"]]
+    common = sorted(set(mine) & set(theirs))
+    r = paired_ratio(torch.stack([mine[s] for s in common]), torch.stack([theirs[s] for s in common]), draws, level)
+    return dict(zip(cols, (r.ratio, r.low, r.high, "yes" if r.significant else "no")))
+
+
 def method_rows(cfg: DictConfig) -> list[dict]:
     """One row per variant: variant, method, quant, weights, seeds, ppl (seed 0) and its mean and std over
     seeds, the ratio to SpinQuant and to exact layer-wise (same quant) with paired-bootstrap intervals and
     significance, each zero-shot task, zeroshot_avg (seed 0)."""
     names = list(cfg.variants)
-    key = _check_paired(cfg, names)
-    rows, nlls = [], {}
+    tables = {name: window_tables(cfg, name) for name in names}
+    key = _check_paired(tables)
+    nlls = {name: {seed: torch.tensor(data["window_nll"], dtype=torch.float64) for seed, data in by_seed.items()}
+            for name, by_seed in tables.items()}
+    rows, zeroshot = [], []
     for name in names:
         result = _read_json(paths.eval_metrics(cfg, name), f"run the eval stage of variant {name} first")
-        nlls[name] = window_nlls(cfg, name)
         mean, std = mean_std(torch.stack(list(nlls[name].values())))
-        row = {"variant": name, "method": result["method"], "quant": result["quant"],
-               "weights": result.get("weights", "rtn"), "seeds": len(nlls[name]),
-               f"{key}_ppl": result[f"{key}_ppl"], f"{key}_ppl_mean": mean, f"{key}_ppl_std": std}
-        row["_tasks"] = {task: result[task] for task in result.get("zeroshot_tasks", [])}
-        row["_zeroshot_avg"] = result.get("zeroshot_avg")
-        rows.append(row)
+        rows.append({"variant": name, "method": result["method"], "quant": result["quant"],
+                     "weights": result.get("weights", "rtn"), "seeds": len(nlls[name]),
+                     f"{key}_ppl": result[f"{key}_ppl"], f"{key}_ppl_mean": mean, f"{key}_ppl_std": std})
+        zeroshot.append({**{task: result[task] for task in result.get("zeroshot_tasks", [])},
+                         "zeroshot_avg": result.get("zeroshot_avg")})
     draws, level = int(cfg.report.get("bootstrap", 2000)), float(cfg.report.get("level", 0.95))
-    for row in rows:
-        for method in REFERENCES:
-            ref = _reference(rows, row, method)
-            cols = [f"ratio_vs_{method}", f"ratio_vs_{method}_ci_low", f"ratio_vs_{method}_ci_high",
-                    f"significant_vs_{method}"]
-            row.update(dict.fromkeys(cols))
-            if ref is None or ref is row:
-                continue
-            common = sorted(set(nlls[row["variant"]]) & set(nlls[ref["variant"]]))
-            a = torch.stack([nlls[row["variant"]][s] for s in common])
-            b = torch.stack([nlls[ref["variant"]][s] for s in common])
-            r = paired_ratio(a, b, draws, level)
-            row.update(zip(cols, (r.ratio, r.low, r.high, "yes" if r.significant else "no")))
-    for row in rows:  # the zero-shot columns last, as before
-        row.update(row.pop("_tasks"))
-        row["zeroshot_avg"] = row.pop("_zeroshot_avg")
-    return rows
+    ratios = [{k: v for method in REFERENCES
+               for k, v in _ratio_columns(row, _reference(rows, row, method), nlls, method, draws, level).items()}
+              for row in rows]
+    return [{**row, **ratio, **tasks} for row, ratio, tasks in zip(rows, ratios, zeroshot)]
 
 
 def _ratio_cell(row: dict, method: str) -> str:
@@ -133,7 +135,7 @@ def _sweep_lines(name: str, sweep: list[dict]) -> list[str]:
 
 def markdown(cfg: DictConfig, rows: list[dict], sweeps: dict[str, list[dict]]) -> str:
     first = json.loads(paths.eval_metrics(cfg, rows[0]["variant"]).read_text())
-    key = "wikitext2" if f"wikitext2_ppl" in rows[0] else "corpus"
+    key = "wikitext2" if "wikitext2_ppl" in rows[0] else "corpus"
     corpus = "WikiText-2 test" if key == "wikitext2" else f"`{first.get('corpus')}`"
     fixed = {"variant", "method", "quant", "weights", "seeds", "zeroshot_avg"}
     tasks = [k for k in rows[0] if k not in fixed and not k.startswith(("ratio_vs_", "significant_vs_", key))]
