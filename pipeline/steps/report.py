@@ -93,13 +93,15 @@ def method_rows(cfg: DictConfig) -> list[dict]:
     seeds, the ratio to SpinQuant and to exact layer-wise (same quant) with paired-bootstrap intervals and
     significance, each zero-shot task, zeroshot_avg (seed 0)."""
     names = list(cfg.variants)
+    results = {name: _read_json(paths.eval_metrics(cfg, name), f"run the eval stage of variant {name} first")
+               for name in names}
     tables = {name: window_tables(cfg, name) for name in names}
     key = _check_paired(tables)
     nlls = {name: {seed: torch.tensor(data["window_nll"], dtype=torch.float64) for seed, data in by_seed.items()}
             for name, by_seed in tables.items()}
     rows, zeroshot = [], []
     for name in names:
-        result = _read_json(paths.eval_metrics(cfg, name), f"run the eval stage of variant {name} first")
+        result = results[name]
         mean, std = mean_std(torch.stack(list(nlls[name].values())))
         rows.append({"variant": name, "method": result["method"], "quant": result["quant"],
                      "weights": result.get("weights", "rtn"), "seeds": len(nlls[name]),
