@@ -103,6 +103,9 @@ def check_seqlen(seqlen: int, max_positions: int | None, what: str) -> None:
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:
     """All of ``text`` as one ``(n_tokens,)`` int64 tensor, tokenized once (no special tokens)."""
+    byte_ids = getattr(tokenizer, "rsq_byte_ids", None)  # models.byte_tokenizer: one token per byte
+    if byte_ids is not None and text:
+        return byte_ids[torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()]
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.int64)
 

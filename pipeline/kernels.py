@@ -13,7 +13,9 @@ with the sum exact in int32 and ``w_sum[n] = sum_k w[n, k]`` precomputed.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,18 +26,48 @@ CPU_SOURCES = [Path(__file__).resolve().parents[1] / "cuda_ext" / "cpu" / "w4a4_
 ALIGN = 32
 
 
+CPU_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+
+
+def staged_sources(name: str, sources: list[Path], flags: list[str]) -> tuple[str, list[str]]:
+    """``(extension name, source paths to compile)``, content-addressed: every file of the sources'
+    folder (headers too) is copied once under the extension build root as ``<name>-src/<digest>/``,
+    and the name carries the digest. Every checkout of the same sources (a second clone, the DVC
+    test's copy of the repo) then gives the same command lines in the same build folder, so the
+    compiled library is reused instead of rebuilt."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    missing = [str(p) for p in sources if not p.is_file()]
+    if missing:
+        raise PipelineError(f"the kernels' sources are missing: {', '.join(missing)}")
+    files = sorted(p for p in sources[0].parent.iterdir() if p.is_file() and p.suffix in (".cpp", ".h", ".cu", ".cuh"))
+    digest = hashlib.sha256()
+    for part in [*flags, *(p.name for p in sources)]:
+        digest.update(part.encode() + b"\0")
+    for p in files:
+        digest.update(p.name.encode() + b"\0" + p.read_bytes())
+    key = digest.hexdigest()[:16]
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where load() builds
+    folder = Path(root) / f"{name}-src" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        target = folder / p.name
+        if not target.is_file():  # never rewritten: a new mtime would make ninja rebuild
+            tmp = folder / f".{p.name}.{os.getpid()}"
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, target)
+    return f"{name}_{key}", [str(folder / p.name) for p in sources]
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_ops():
     """The compiled CPU extension (``torch.utils.cpp_extension.load``; cached under
-    ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, rebuilt when the source changes)."""
+    ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, keyed by the sources' content)."""
     from torch.utils.cpp_extension import load
 
-    missing = [str(p) for p in CPU_SOURCES if not p.is_file()]
-    if missing:
-        raise PipelineError(f"the CPU kernels' sources are missing: {', '.join(missing)}")
     try:
-        return load(name="rsq_w4a4_cpu", sources=[str(p) for p in CPU_SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
+        name, sources = staged_sources("rsq_w4a4_cpu", CPU_SOURCES, CPU_CFLAGS)
+        return load(name=name, sources=sources, extra_cflags=CPU_CFLAGS, verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
     except (RuntimeError, OSError) as exc:
         raise PipelineError(f"building the CPU kernels failed (a C++ compiler is needed): {str(exc).splitlines()[0]}") from None
 

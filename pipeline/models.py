@@ -180,7 +180,18 @@ def byte_tokenizer() -> Any:
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+    # byte -> token id, for data.tokenize's fast path (tokenizing MBs of text takes seconds otherwise)
+    tok.rsq_byte_ids = torch.tensor([vocab[ch] for ch in _byte_chars()], dtype=torch.int64)
+    return tok
+
+
+def _byte_chars() -> list[str]:
+    """The character ByteLevel stands each byte 0..255 for (GPT-2's table: printable Latin-1 bytes as
+    themselves, the other 68 as U+0100 onwards, in byte order)."""
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    extra = iter(range(0x100, 0x200))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
 def build_random_model(

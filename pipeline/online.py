@@ -9,11 +9,10 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .hadamard import online_hadamard
 from .quantizers import ActQuantizer, quantize_asym
@@ -84,16 +83,26 @@ def rsq_sdpa_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """HF's SDPA attention, preceded by the module's ``rsq_online`` ops when it has them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     online = getattr(module, "rsq_online", None)
     if online is not None:
         query, key, value = online(query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPL, rsq_sdpa_attention)
-AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
+@functools.cache
+def _register_attention() -> None:
+    """Register ``rsq_sdpa`` with transformers, once, on first use (importing transformers costs
+    seconds, which a stage that stops at a bad setting should not pay)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPL, rsq_sdpa_attention)
+    AttentionMaskInterface.register(ATTN_IMPL, sdpa_mask)
 
 
 def use_online_attention(model: nn.Module) -> None:
     """Route ``model``'s attention through ``rsq_sdpa`` (same maths as ``sdpa`` until ops attach)."""
+    _register_attention()
     model.config._attn_implementation = ATTN_IMPL

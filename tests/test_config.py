@@ -59,7 +59,7 @@ def test_stage_lists_match_variants(overrides):
     v = cfg.variants
     if overrides:
         assert len(overrides) == 6
-        assert v.respinquant_gptq.quant.weight_method == "gptq" and v.respinquant_gptq.approx.rank == 32
+        assert v.respinquant_gptq.quant.weight_method == "rtn" and v.respinquant_gptq.approx.rank == 32
     assert sorted(cfg.global_variants) == sorted(k for k in v if not v[k].get("global_from")
                                                  and not v[k].get("layerwise_from"))
     layerwise = {k: v[k].get("global_from") or k for k in v

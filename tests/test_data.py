@@ -6,7 +6,7 @@ import torch
 
 from conftest import SHARED_DATA
 from pipeline.data import (calibration_text, corpus_text, eval_corpus_windows, eval_windows, sample_windows,
-                           wikitext2_test_text)
+                           tokenize, wikitext2_test_text)
 from pipeline.errors import PipelineError
 
 
@@ -59,3 +59,17 @@ def test_corpus_windowed_like_wikitext(tmp_path):
     with pytest.raises(PipelineError, match="is not UTF-8 text"):
         corpus_text(path)
     assert eval_corpus_windows({"dir": str(SHARED_DATA)}, None, _ByteTokenizer(), 512, 2)[2] == "wikitext2"
+
+
+def test_byte_tokenizer_fast_path_equals_the_tokenizer():
+    """data.tokenize's byte lookup gives the ids the tokenizer itself gives: every byte value, multi-byte
+    characters, blank lines, and the empty text."""
+    from pipeline.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    text = "héllo wörld\n\n€ 𝄞 ok\x00\x7f\t " + bytes(range(256)).decode("latin-1") + "语言"
+    for sample in (text, text[::-1], ""):
+        slow = torch.tensor(tok(sample, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        fast = tokenize(sample, tok)
+        assert fast.dtype == torch.int64 and torch.equal(fast, slow)
+    assert tokenize("abc", tok).numel() == 3 and tok.rsq_byte_ids.unique().numel() == 256

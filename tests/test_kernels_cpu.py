@@ -127,3 +127,30 @@ def test_cuda_ops_refused_in_one_line_without_cuda():
 
     with pytest.raises(PipelineError, match="the CUDA kernels need a CUDA build of torch and a GPU"):
         cuda_ops()
+
+
+def test_staged_sources_are_content_addressed(tmp_path, monkeypatch):
+    """Two checkouts of the same kernel sources share one build (same name and compiled paths); a
+    changed header or flag gives a new one; the staged copy is never rewritten."""
+    from pipeline.kernels import staged_sources
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    checkouts = []
+    for clone in ("a", "b"):
+        folder = tmp_path / clone / "cpu"
+        folder.mkdir(parents=True)
+        (folder / "k.cpp").write_text('#include "k.h"\nint f() { return K; }\n')
+        (folder / "k.h").write_text("#define K 1\n")
+        checkouts.append(folder)
+    first = staged_sources("rsq_t", [checkouts[0] / "k.cpp"], ["-O3"])
+    staged = tmp_path / "ext" / "rsq_t-src" / first[0].split("_")[-1]
+    assert first[1] == [str(staged / "k.cpp")] and (staged / "k.h").read_text() == "#define K 1\n"
+    mtime = (staged / "k.cpp").stat().st_mtime_ns
+    assert staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O3"]) == first
+    assert (staged / "k.cpp").stat().st_mtime_ns == mtime
+    assert staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O2"])[0] != first[0]
+    (checkouts[1] / "k.h").write_text("#define K 2\n")
+    assert staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O3"])[0] != first[0]
+    from pipeline.errors import PipelineError
+    with pytest.raises(PipelineError, match="sources are missing"):
+        staged_sources("rsq_t", [tmp_path / "nowhere.cpp"], ["-O3"])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +18,8 @@ from ..tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     name, cfg = select_variant(cfg)
     method = MethodSpec.from_cfg(cfg.method)
     if method.transition != "low_rank":

@@ -4,7 +4,6 @@ Llama-3-8B's. It runs the C++ CPU path (the CUDA kernels are timed by hand on a 
 cuda_ext/cuda/README.md) and says so in every row's ``device`` and in ``backend``."""
 from __future__ import annotations
 
-import mlflow
 from omegaconf import DictConfig, OmegaConf
 
 from .. import devices, paths
@@ -25,6 +24,8 @@ def _positive_ints(values, what: str) -> list[int]:
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     b = cfg.bench
     ms, layer_ms = _positive_ints(b.m, "bench.m"), _positive_ints(b.layer_m, "bench.layer_m")
     rank = int(b.transition_rank)

@@ -4,7 +4,6 @@ The statistics are taken layer-sequentially (``act_stats.activation_stats_stream
 weights are read one decoder layer at a time, so a model larger than memory is calibrated too."""
 from __future__ import annotations
 
-import mlflow
 from omegaconf import DictConfig
 
 from .. import devices, paths
@@ -18,6 +17,8 @@ from ..tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     if not 1 <= cfg.calib.stats_windows <= cfg.calib.n_windows:
         raise PipelineError(f"calib.stats_windows={cfg.calib.stats_windows}: must be 1..calib.n_windows")
     device, dtype = devices.setup(cfg.get("device"), cfg.model.get("dtype"))

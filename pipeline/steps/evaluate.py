@@ -11,7 +11,6 @@ file) replaces WikiText-2 with the user's text, windowed the same way; its keys 
 """
 from __future__ import annotations
 
-import mlflow
 import torch
 from omegaconf import DictConfig
 
@@ -30,6 +29,8 @@ from ..zeroshot import check_request, evaluate_zeroshot
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     name, cfg = select_variant(cfg)
     device = resolve_device(cfg.get("device"))
     tasks = list(cfg.eval.get("tasks") or [])

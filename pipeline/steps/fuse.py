@@ -7,7 +7,6 @@ from __future__ import annotations
 import resource
 import time
 
-import mlflow
 from omegaconf import DictConfig
 
 from .. import paths
@@ -26,6 +25,8 @@ from ..tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     name, cfg = select_variant(cfg)
     device, dtype = setup(cfg.get("device"), cfg.model.get("dtype"))
     method, quant = MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant)

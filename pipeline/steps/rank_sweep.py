@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import mlflow
 import torch
 from omegaconf import DictConfig
 
@@ -27,6 +26,8 @@ from ..tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     name, cfg = select_variant(cfg)
     method, quant = MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant)
     if method.transition != "low_rank":

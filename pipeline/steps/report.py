@@ -12,7 +12,6 @@ import csv
 import json
 from pathlib import Path
 
-import mlflow
 import torch
 from omegaconf import DictConfig
 
@@ -175,6 +174,8 @@ def markdown(cfg: DictConfig, rows: list[dict], sweeps: dict[str, list[dict]]) -
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     if not cfg.get("variants"):
         raise PipelineError("report compares the variants of conf/pipeline.yaml: run it as DVC does "
                             "(python stages/report.py -cd . -cn params)")

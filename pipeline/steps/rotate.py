@@ -12,7 +12,6 @@ import json
 import resource
 from dataclasses import asdict, replace
 
-import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -83,6 +82,8 @@ def _train(cfg: DictConfig, model, rotations: TrainableRotations, spec: TrainSpe
 
 
 def run(cfg: DictConfig) -> None:
+    import mlflow
+
     stage = cfg.get("rotation_stage", "global")
     if stage not in STAGES:
         raise PipelineError(f"rotation_stage={stage}: choose one of {', '.join(STAGES)}")
