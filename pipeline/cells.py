@@ -69,12 +69,11 @@ class Cell:
     def key(self) -> str:
         return f"{self.model}/{self.quant}-{self.weights}/seed{self.seed}"
 
-    def result_path(self, variant: str) -> Path:
-        return REPO_ROOT / RESULTS_DIR / self.key / f"{variant}.json"
+    def result_path(self, variant: str, results: Path) -> Path:
+        return results / self.key / f"{variant}.json"
 
-    @property
-    def scratch(self) -> Path:
-        return REPO_ROOT / SCRATCH_DIR / self.key
+    def scratch(self, root: Path) -> Path:
+        return root / self.key
 
 
 def load_matrix(path: Path = MATRIX_FILE) -> dict:
@@ -108,7 +107,7 @@ def cells_of(matrix: dict) -> list[Cell]:
     return [Cell(*k, tuple(v)) for k, v in order.items()]
 
 
-def cell_config(cell: Cell, matrix: dict) -> DictConfig:
+def cell_config(cell: Cell, matrix: dict, scratch: Path) -> DictConfig:
     """The cell's composed pipeline config: every variant of the cell on the cell's quant and weight
     quantizer, the cell's seed, the pinned dtype, ppl only on ``eval_windows`` windows, and the
     artifacts and stage metrics under the cell's scratch folder."""
@@ -125,8 +124,8 @@ def cell_config(cell: Cell, matrix: dict) -> DictConfig:
         for name in cfg.variants:
             if name != "fp16":  # the 16-bit reference stays 16-bit
                 cfg.variants[name].quant = OmegaConf.merge(quant, {"weight_method": cell.weights})
-        cfg.paths.artifacts = str(cell.scratch / "artifacts")
-        cfg.paths.metrics = str(cell.scratch / "metrics")
+        cfg.paths.artifacts = str(cell.scratch(scratch) / "artifacts")
+        cfg.paths.metrics = str(cell.scratch(scratch) / "metrics")
     return cfg
 
 
@@ -161,9 +160,8 @@ def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
-def finished(cell: Cell, variant: str, digest: str) -> bool:
-    """Whether ``variant``'s result of ``cell`` is there and was made under config ``digest``."""
-    path = cell.result_path(variant)
+def finished(path: Path, digest: str) -> bool:
+    """Whether the result at ``path`` is there and was made under config ``digest``."""
     if not path.is_file():
         return False
     try:
@@ -179,13 +177,14 @@ def stage_key(stage: str, args: list[str]) -> str:
     return stage
 
 
-def _marker(cell: Cell, stage: str, args: list[str]) -> Path:
-    return cell.scratch / "done" / ("_".join([stage, *(a.replace("=", "-") for a in args)]) + ".json")
+def _marker(scratch: Path, stage: str, args: list[str]) -> Path:
+    return scratch / "done" / ("_".join([stage, *(a.replace("=", "-") for a in args)]) + ".json")
 
 
-def stage_done(cell: Cell, stage: str, args: list[str], cell_digest: str) -> dict | None:
-    """The marker of a stage that finished in this checkout under the same cell config, else None."""
-    path = _marker(cell, stage, args)
+def stage_done(scratch: Path, stage: str, args: list[str], cell_digest: str) -> dict | None:
+    """The marker of a stage that finished in the cell's scratch folder ``scratch`` under the same cell
+    config, else None."""
+    path = _marker(scratch, stage, args)
     try:
         marker = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -193,10 +192,10 @@ def stage_done(cell: Cell, stage: str, args: list[str], cell_digest: str) -> dic
     return marker if marker.get("cell_sha256") == cell_digest else None
 
 
-def measured_seconds(quant: str, weights: str) -> dict[str, float]:
-    """Median stage seconds over the committed results of ``quant``/``weights`` (any model and seed)."""
+def measured_seconds(results: Path, quant: str, weights: str) -> dict[str, float]:
+    """Median stage seconds over the results of ``quant``/``weights`` under ``results`` (any model, seed)."""
     seen: dict[str, list[float]] = {}
-    for path in (REPO_ROOT / RESULTS_DIR).glob(f"*/{quant}-{weights}/seed*/*.json"):
+    for path in results.glob(f"*/{quant}-{weights}/seed*/*.json"):
         try:
             stages = json.loads(path.read_text()).get("stage_seconds", {})
         except (OSError, json.JSONDecodeError):
@@ -250,8 +249,10 @@ def commit_result(path: Path, message: str, tries: int = 20) -> bool:
 class Runner:
     """Runs cells' variants one at a time under an optional deadline (module doc)."""
 
-    def __init__(self, matrix: dict, deadline_s: float | None, commit: bool, dry_run: bool) -> None:
+    def __init__(self, matrix: dict, deadline_s: float | None, commit: bool, dry_run: bool,
+                 results: Path = REPO_ROOT / RESULTS_DIR, scratch: Path = REPO_ROOT / SCRATCH_DIR) -> None:
         self.matrix, self.commit, self.dry_run = matrix, commit, dry_run
+        self.results, self.scratch = results, scratch
         self.start = time.monotonic()
         self.deadline_s = deadline_s
 
@@ -262,27 +263,27 @@ class Runner:
         """Run every unfinished variant of ``cells``; the number of results written."""
         written = 0
         for cell in cells:
-            cfg = cell_config(cell, self.matrix)
+            cfg, scratch = cell_config(cell, self.matrix, self.scratch), cell.scratch(self.scratch)
             cell_digest = config_sha256(OmegaConf.to_container(cfg, resolve=True))
             todo = []
             for variant in cell.variants:
                 digest = config_sha256(result_config(cfg, cell, variant))
-                if finished(cell, variant, digest):
+                if finished(cell.result_path(variant, self.results), digest):
                     print(f"{cell.key} {variant}: done (committed result matches)", flush=True)
                 else:
                     todo.append((variant, digest))
             if not todo:
                 continue
             if not self.dry_run:
-                cell.scratch.mkdir(parents=True, exist_ok=True)
-                (cell.scratch / "params.yaml").write_text(
+                scratch.mkdir(parents=True, exist_ok=True)
+                (scratch / "params.yaml").write_text(
                     yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True), sort_keys=False))
-            estimates = {**DEFAULT_SECONDS, **measured_seconds(cell.quant, cell.weights)}
+            estimates = {**DEFAULT_SECONDS, **measured_seconds(self.results, cell.quant, cell.weights)}
             planned: set[tuple[str, tuple[str, ...]]] = set()  # stages an earlier variant of this cell runs
             for variant, digest in todo:
                 plan = stage_plan(cfg, [variant])
                 pending = [(s, a) for s, a in plan
-                           if (s, tuple(a)) not in planned and not stage_done(cell, s, a, cell_digest)]
+                           if (s, tuple(a)) not in planned and not stage_done(scratch, s, a, cell_digest)]
                 planned.update((s, tuple(a)) for s, a in plan)
                 estimate = sum(estimates.get(stage_key(s, a), 300) for s, a in pending)
                 print(f"{cell.key} {variant}: {len(pending)} of {len(plan)} stages to run, about "
@@ -301,23 +302,24 @@ class Runner:
                     cell_digest: str, digest: str) -> None:
         """Run (or reuse) ``plan``'s stages, then write and commit ``variant``'s result."""
         seconds: dict[str, float] = {}
+        scratch = cell.scratch(self.scratch)
         for stage, args in plan:
-            marker = stage_done(cell, stage, args, cell_digest)
+            marker = stage_done(scratch, stage, args, cell_digest)
             label = " ".join([stage_key(stage, args), *(a for a in args if a.startswith("variant="))])
             if marker is not None:
                 seconds[label] = marker["seconds"]
                 continue
             print(f"{cell.key} {variant}: {stage} {' '.join(args)}", flush=True)
-            cmd = [sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), "-cd", str(cell.scratch), "-cn",
+            cmd = [sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), "-cd", str(scratch), "-cn",
                    "params", *args]
             begin = time.monotonic()
             if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
                 raise PipelineError(f"{cell.key} {variant}: stage {stage} {' '.join(args)} failed (its message is above)")
             seconds[label] = round(time.monotonic() - begin, 1)
-            write_json(_marker(cell, stage, args), {"cell_sha256": cell_digest, "seconds": seconds[label]})
+            write_json(_marker(scratch, stage, args), {"cell_sha256": cell_digest, "seconds": seconds[label]})
         path = self.write_result(cell, cfg, variant, digest, seconds)
         ppl = json.loads(path.read_text())["wikitext2_ppl"]
-        print(f"{cell.key} {variant}: ppl {ppl:.3f} -> {path.relative_to(REPO_ROOT)}", flush=True)
+        print(f"{cell.key} {variant}: ppl {ppl:.3f} -> {path}", flush=True)
         if self.commit:
             commit_result(path, f"cells: {cell.key} {variant} ppl {ppl:.3f}")
 
@@ -339,7 +341,7 @@ class Runner:
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "config_sha256": digest, "config": result_config(cfg, cell, variant),
         }
-        path = cell.result_path(variant)
+        path = cell.result_path(variant, self.results)
         write_json(path, result)
         return path
 
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="minutes from now: start no variant whose estimated time ends past it")
     parser.add_argument("--commit", action="store_true", help="git-commit each result as it is written")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and estimates, run nothing")
+    parser.add_argument("--results", default=str(RESULTS_DIR), help="where results go (default metrics/cells)")
+    parser.add_argument("--scratch", default=str(SCRATCH_DIR), help="artifacts and stage markers (default runs/cells)")
     parser.add_argument("--only", nargs="+", default=None, metavar="KEY",
                         help="run only cells whose key contains one of these, e.g. w4a4kv4-gptq/seed0")
     args = parser.parse_args(argv)
@@ -364,7 +368,8 @@ def main(argv: list[str] | None = None) -> None:
             cells = [c for c in cells if any(k in c.key for k in a.only)]
             if not cells:
                 raise PipelineError(f"--only {' '.join(a.only)}: matches no cell of {a.matrix}")
-        runner = Runner(matrix, None if a.deadline is None else a.deadline * 60, a.commit, a.dry_run)
+        runner = Runner(matrix, None if a.deadline is None else a.deadline * 60, a.commit, a.dry_run,
+                        REPO_ROOT / a.results, REPO_ROOT / a.scratch)
         written = runner.run(cells)
         print(f"{written} result(s) written", flush=True)
 
