@@ -1,16 +1,22 @@
 """report: the comparison table of every compared variant, as ``results.md`` and a csv for DVC plots.
 
-Reads ``metrics/eval/<variant>.json`` and ``metrics/eval_windows/<variant>.json`` for each of
-``variants`` (and the per-window NLLs of the seed runs in ``report.seeds``, ``pipeline.seed_runs``), and
-the rank sweep csvs (if the pipeline made them), and writes them out as one markdown file, so a reader
-without MLflow or DVC sees the results. It computes only statistics of recorded numbers: mean ± std
-over seeds and paired-bootstrap intervals of ppl ratios (``seed_stats``).
+Reads every recorded run of each of ``variants`` (``seed_results``: seed 0 from ``dvc repro``'s
+``metrics/eval/<variant>.json`` and ``metrics/eval_windows/<variant>.json``, seed k of ``report.seeds``
+from ``pipeline.seed_runs``' ``metrics/seeds/seed<k>/``), and the rank sweep csvs (if the pipeline made
+them), and writes them out as one markdown file, so a reader without MLflow or DVC sees the results. It
+computes only statistics of recorded numbers: mean ± std over seeds and paired t-intervals over seeds
+of ppl ratios (``seed_stats``).
+
+It pools only runs of one configuration: the runs of one row must agree in everything but ``POOLED``
+(else one line names both files), every run was evaluated on the same windows, and a row is compared
+only with a reference row of the same quant and weight quantizer (none: empty cells).
 """
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -27,6 +33,10 @@ def _fmt(value, digits: int) -> str:
 
 
 REFERENCES = ("spinquant", "layerwise")  # the methods every row's ratio is taken against
+# what may differ between the runs one row pools: the seed is the point, the rest says where, when and
+# how (layer by layer or whole) the same configuration ran; everything else (model, method, quant, weight
+# quantizer, dtype, ...) must agree
+POOLED = frozenset({"seed", "commit", "wall_time", "wall_seconds", "layer_sequential"})
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -35,29 +45,80 @@ def _read_json(path: Path, what: str) -> dict:
     return json.loads(path.read_text())
 
 
-def window_tables(cfg: DictConfig, name: str) -> dict[int, dict]:
-    """``{seed: metrics/eval_windows json}`` of variant ``name`` over ``report.seeds`` (seed 0 from
-    ``dvc repro``'s metrics, seed k from ``pipeline.seed_runs``'); seed 0 must be there, others may be
-    missing (a variant run under fewer seeds). Each file is read once."""
+class SeedResult(NamedTuple):
+    """One recorded evaluation of a variant: its seed, its eval json (``path``) and its per-window NLLs."""
+
+    seed: int
+    path: Path
+    result: dict
+    windows: dict
+
+
+def seed_results(metrics: Path, names: list[str], seeds: list[int]) -> dict[str, list[SeedResult]]:
+    """``{variant: [SeedResult, ...]}`` of ``names`` over ``seeds``: the one reader of the results layout.
+
+    Seed 0 is ``dvc repro``'s, ``<metrics>/eval/<variant>.json`` and ``<metrics>/eval_windows/<variant>.json``,
+    and must be there; seed k >= 1 is ``pipeline.seed_runs``', the same files under
+    ``<metrics>/seeds/seed<k>/``, skipped when its eval json is absent (a variant run under fewer seeds).
+    A file that records another seed than its folder's is refused. Each file is read once."""
     out = {}
-    for seed in cfg.report.get("seeds") or [0]:
-        root = paths.metrics(cfg) if seed == 0 else paths.seed_metrics(cfg, seed)
-        path = root / "eval_windows" / f"{name}.json"
-        if seed != 0 and not path.is_file():
-            continue
-        data = _read_json(path, f"run the eval stage of variant {name} first")
-        if data.get("seed", 0) != seed:
-            raise PipelineError(f"{path} records seed {data.get('seed')}, its folder says seed {seed}")
-        out[seed] = data
+    for name in names:
+        runs = []
+        for seed in seeds:
+            root = metrics if seed == 0 else metrics / "seeds" / f"seed{seed}"
+            path, windows_path = root / "eval" / f"{name}.json", root / "eval_windows" / f"{name}.json"
+            if seed != 0 and not path.is_file():
+                continue
+            result = _read_json(path, f"run the eval stage of variant {name} first")
+            windows = _read_json(windows_path, f"rerun the eval stage of variant {name} (seed {seed})")
+            for file, data in ((path, result), (windows_path, windows)):
+                if data.get("seed", 0) != seed:
+                    raise PipelineError(f"{file} records seed {data.get('seed')}, its folder says seed {seed}")
+            runs.append(SeedResult(seed, path, result, windows))
+        out[name] = runs
     return out
 
 
-def _check_paired(tables: dict[str, dict[int, dict]]) -> str:
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"a.b": value}`` of a nested dict."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_config(run: SeedResult) -> dict:
+    """The configuration a run was made under as ``{"dotted.key": value}``, less every key named in
+    ``POOLED`` at any depth (a seed reaches ``train.seed`` and every ``method.seed`` too): its eval json's
+    ``config`` where it records one, else the fields an eval json has always recorded."""
+    config = run.result.get("config")
+    if config is None:
+        config = {"method": run.result["method"], "quant": run.result["quant"],
+                  "weights": run.result.get("weights", "rtn"), "corpus": run.result.get("corpus")}
+    return {k: v for k, v in _flat(config).items() if k.rsplit(".", 1)[-1] not in POOLED}
+
+
+def _check_one_config(name: str, runs: list[SeedResult]) -> dict:
+    """The runs a row pools were made under one configuration (one line naming both files if not); it."""
+    first = run_config(runs[0])
+    for run in runs[1:]:
+        other = run_config(run)
+        for key in sorted(set(first) | set(other)):
+            if first.get(key) != other.get(key):
+                raise PipelineError(f"{runs[0].path} and {run.path} differ in {key} ({first.get(key)!r} vs "
+                                    f"{other.get(key)!r}): variant {name} pools only runs of one configuration")
+    return first
+
+
+def _check_paired(tables: dict[str, list[SeedResult]]) -> str:
     """Every variant and seed was evaluated on the same windows of the same text; its metric prefix."""
     def signature(data: dict) -> tuple:
         return data["corpus"], data["text_sha256"], data["seqlen"], len(data["window_nll"])
 
-    runs = [(name, seed, signature(data)) for name, by_seed in tables.items() for seed, data in by_seed.items()]
+    runs = [(name, run.seed, signature(run.windows)) for name, by_seed in tables.items() for run in by_seed]
     first = runs[0]
     for other in runs[1:]:
         if other[2] != first[2]:
@@ -67,49 +128,57 @@ def _check_paired(tables: dict[str, dict[int, dict]]) -> str:
     return "wikitext2" if first[2][0] == "wikitext2" else "corpus"
 
 
-def _reference(rows: list[dict], row: dict, method: str) -> dict | None:
-    """The ``method`` row a row is compared with: same quant, same weight quantizer if there is one."""
-    same_quant = [r for r in rows if r["method"] == method and r["quant"] == row["quant"]]
-    same = [r for r in same_quant if r["weights"] == row["weights"]]
-    return (same or same_quant or [None])[0]
+def _comparable(row: dict, config: dict) -> tuple:
+    """What a reference row must share with the row it is compared with."""
+    return config.get("model.name"), row["quant"], row["weights"]
+
+
+def _reference(rows: list[dict], row: dict, method: str, configs: dict[str, dict]) -> dict | None:
+    """The ``method`` row a row is compared with: same quant and weight quantizer (and model), else none."""
+    mine = _comparable(row, configs[row["variant"]])
+    same = [r for r in rows if r["method"] == method and _comparable(r, configs[r["variant"]]) == mine]
+    return (same or [None])[0]
 
 
 def _ratio_columns(row: dict, ref: dict | None, nlls: dict[str, dict[int, torch.Tensor]], method: str,
-                   draws: int, level: float) -> dict:
-    """``ratio_vs_<method>`` (+ interval, significance) of ``row`` against ``ref``; empty cells without one."""
+                   level: float) -> dict:
+    """``ratio_vs_<method>`` (+ interval, significance) of ``row`` against ``ref``, paired on the seeds both
+    have; empty cells without a reference, no interval and no verdict with fewer than 2 common seeds."""
     cols = [f"ratio_vs_{method}", f"ratio_vs_{method}_ci_low", f"ratio_vs_{method}_ci_high",
             f"significant_vs_{method}"]
     if ref is None or ref is row:
         return dict.fromkeys(cols)
     mine, theirs = nlls[row["variant"]], nlls[ref["variant"]]
     common = sorted(set(mine) & set(theirs))
-    r = paired_ratio(torch.stack([mine[s] for s in common]), torch.stack([theirs[s] for s in common]), draws, level)
-    return dict(zip(cols, (r.ratio, r.low, r.high, "yes" if r.significant else "no")))
+    if not common:
+        return dict.fromkeys(cols)
+    r = paired_ratio(torch.stack([mine[s] for s in common]), torch.stack([theirs[s] for s in common]), level)
+    verdict = None if r.significant is None else ("yes" if r.significant else "no")
+    return dict(zip(cols, (r.ratio, r.low, r.high, verdict)))
 
 
 def method_rows(cfg: DictConfig) -> list[dict]:
     """One row per variant: variant, method, quant, weights, seeds, ppl (seed 0) and its mean and std over
-    seeds, the ratio to SpinQuant and to exact layer-wise (same quant) with paired-bootstrap intervals and
-    significance, each zero-shot task, zeroshot_avg (seed 0)."""
+    seeds, the ratio to SpinQuant and to exact layer-wise (same quant and weight quantizer) with paired
+    t-intervals over seeds and significance, each zero-shot task, zeroshot_avg (seed 0)."""
     names = list(cfg.variants)
-    results = {name: _read_json(paths.eval_metrics(cfg, name), f"run the eval stage of variant {name} first")
-               for name in names}
-    tables = {name: window_tables(cfg, name) for name in names}
+    tables = seed_results(paths.metrics(cfg), names, list(cfg.report.get("seeds") or [0]))
     key = _check_paired(tables)
-    nlls = {name: {seed: torch.tensor(data["window_nll"], dtype=torch.float64) for seed, data in by_seed.items()}
-            for name, by_seed in tables.items()}
+    configs = {name: _check_one_config(name, runs) for name, runs in tables.items()}
+    nlls = {name: {run.seed: torch.tensor(run.windows["window_nll"], dtype=torch.float64) for run in runs}
+            for name, runs in tables.items()}
     rows, zeroshot = [], []
     for name in names:
-        result = results[name]
+        result = tables[name][0].result  # seed 0
         mean, std = mean_std(torch.stack(list(nlls[name].values())))
         rows.append({"variant": name, "method": result["method"], "quant": result["quant"],
                      "weights": result.get("weights", "rtn"), "seeds": len(nlls[name]),
                      f"{key}_ppl": result[f"{key}_ppl"], f"{key}_ppl_mean": mean, f"{key}_ppl_std": std})
         zeroshot.append({**{task: result[task] for task in result.get("zeroshot_tasks", [])},
                          "zeroshot_avg": result.get("zeroshot_avg")})
-    draws, level = int(cfg.report.get("bootstrap", 2000)), float(cfg.report.get("level", 0.95))
+    level = float(cfg.report.get("level", 0.95))
     ratios = [{k: v for method in REFERENCES
-               for k, v in _ratio_columns(row, _reference(rows, row, method), nlls, method, draws, level).items()}
+               for k, v in _ratio_columns(row, _reference(rows, row, method, configs), nlls, method, level).items()}
               for row in rows]
     return [{**row, **ratio, **tasks} for row, ratio, tasks in zip(rows, ratios, zeroshot)]
 
@@ -117,6 +186,8 @@ def method_rows(cfg: DictConfig) -> list[dict]:
 def _ratio_cell(row: dict, method: str) -> str:
     if row.get(f"ratio_vs_{method}") is None:
         return "–"
+    if row[f"ratio_vs_{method}_ci_low"] is None:
+        return f"{row[f'ratio_vs_{method}']:.3f} (1 seed)"
     star = " *" if row[f"significant_vs_{method}"] == "yes" else ""
     return (f"{row[f'ratio_vs_{method}']:.3f} [{row[f'ratio_vs_{method}_ci_low']:.3f}, "
             f"{row[f'ratio_vs_{method}_ci_high']:.3f}]{star}")
@@ -151,9 +222,10 @@ def markdown(cfg: DictConfig, rows: list[dict], sweeps: dict[str, list[dict]]) -
         f"- Perplexity on {corpus}, {first[f'{key}_windows']} windows of {first[f'{key}_seqlen']} tokens"
         f" ({first[f'{key}_tokens']} predicted tokens), the same windows for every row. ppl: seed 0 (`dvc repro`);"
         " mean ± std: over the row's seeds (`python -m pipeline.seed_runs`).",
-        f"- Ratios: mean ppl over the seeds both rows have, divided by the SpinQuant / exact layer-wise row of the"
-        f" same quant; [{level:.0%} interval] from a paired bootstrap over seeds and windows"
-        f" ({int(cfg.report.get('bootstrap', 2000))} draws); * = the interval excludes 1.",
+        "- Ratios: ppl divided by the SpinQuant / exact layer-wise row of the same quant and weight quantizer,"
+        " seed by seed, geometric mean over the seeds both rows have;"
+        f" [{level:.0%} interval]: paired t-interval over those seeds (Student t, seeds - 1 degrees of freedom,"
+        " on the per-seed log ratios); * = the interval excludes 1; one common seed: no interval, no verdict.",
     ]
     if tasks:
         lines.append(f"- Zero-shot accuracy (seed 0; lm-eval, local task files; acc_norm where the task defines it, "
