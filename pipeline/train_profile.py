@@ -46,9 +46,11 @@ def _sync(device: torch.device) -> None:
 
 
 def profile(shape: str, mode: str, seqlen: int, steps: int, device: torch.device, dtype: torch.dtype,
-            grad_checkpointing: bool, paper_windows: int) -> dict:
-    """Train ``steps`` + 1 warm-up steps of one window on random tokens; return timings and memory."""
-    model, _ = build_random_model({"config": dict(SHAPES[shape]), "seed": 0}, dtype, device)
+            grad_checkpointing: bool, paper_windows: int, config: dict | None = None) -> dict:
+    """Train ``steps`` + 1 warm-up steps of one window on random tokens; return timings and memory.
+    ``config`` (an HF config dict) replaces ``SHAPES[shape]`` (e.g. a shape cut to fewer layers)."""
+    config = dict(SHAPES[shape] if config is None else config)
+    model, _ = build_random_model({"config": dict(config), "seed": 0}, dtype, device)
     method = MethodSpec(name=mode, r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True,
                         per_layer=mode == "layerwise", train=True)
     adapter = prepare_base(model, method, QuantSpec(w_bits=16, a_bits=4, kv_bits=4))
@@ -57,7 +59,7 @@ def profile(shape: str, mode: str, seqlen: int, steps: int, device: torch.device
     rotations = TrainableRotations(make_rotations(method, model)).to(device)
     parametrize_rotations(model, adapter, rotations)
     opt = CayleySGD(list(rotations.mats), lr=1.5)
-    vocab = SHAPES[shape]["vocab_size"]
+    vocab = config["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
