@@ -49,15 +49,20 @@ DATA = {"calib_source": "enwiki"}
 TRAIN = TrainSpec(steps=2, lr=1.5, batch_size=2, checkpoint_every=0, seed=0)
 APPROX = ApproxSpec(rank=32)
 
-# bounds (module doc)
-REL_STATS = 1e-4       # activation statistics: float32 forward, relative to the largest value
-ABS_ROTATION = 1e-4    # trained rotations after 2 Cayley steps (entries ~ 1/sqrt(192))
-REL_LOSS = 1e-4
+# Bounds (module doc). 4-bit fake quantization turns rounding-level differences into flipped codes, so
+# the bounds of the trained and GPTQ artifacts are set from their measured sensitivity: on the CPU, a
+# 1e-7 perturbation of the start rotations moved 2 Cayley steps' rotations by up to 8e-4 (losses 7e-4
+# relative), changed 1 RTN code in 565k but 9.7% of the GPTQ codes (up to 3 steps: GPTQ's error
+# feedback carries one flip along the row), and the perplexity by 6.5e-4 (RTN) and 4.2e-3 (GPTQ).
+REL_STATS = 1e-4       # activation statistics: float32 forward of the same weights, relative to the largest
+ABS_ROTATION = 2e-3    # trained rotations after 2 Cayley steps (entries ~ 1/sqrt(192)); sensitivity 8e-4
+REL_LOSS = 2e-3        # training losses; sensitivity 7e-4
 ABS_SUBSPACE = 1e-6    # T^ - I = Q M Q^T, float64 eigh/polar of the same input
-CODE_SHARE = {"rtn": 1e-3, "gptq": 1e-2}  # share of weight codes allowed to differ (by one step)
+CODE_SHARE = {"rtn": 1e-3, "gptq": 0.2}  # share of weight codes allowed to differ; sensitivity 2e-6 / 0.097
+CODE_STEP = {"rtn": 1, "gptq": 4}         # and by how many grid steps; sensitivity 1 / 3
 REL_FLOAT = 1e-4       # float tensors of the checkpoint (scales, norms, embeddings, transitions)
-REL_PPL_SAME = 1e-3    # one checkpoint evaluated on two devices
-REL_PPL_MADE = 1e-2    # checkpoints made on two devices (codes may flip), evaluated on one
+REL_PPL_SAME = 2e-3    # one checkpoint evaluated on two devices
+REL_PPL_MADE = 1e-2    # checkpoints made on two devices, evaluated on the CPU; sensitivity 4.2e-3 (GPTQ)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -163,9 +168,9 @@ def compare_checkpoints(report, name: str, got: Path, ref: Path, weights: str) -
             differ += int((a[key] != b[key]).sum())
             total += b[key].numel()
     share = differ / max(total, 1)
-    bound = CODE_SHARE[weights]
-    report.check("stages", f"{name}_codes", share <= bound and worst_step <= 1,
-                 f"share of int codes that differ <= {bound:g}, each by at most 1 step",
+    bound, steps = CODE_SHARE[weights], CODE_STEP[weights]
+    report.check("stages", f"{name}_codes", share <= bound and worst_step <= steps,
+                 f"share of int codes that differ <= {bound:g}, each by at most {steps} step(s)",
                  codes=total, differ=differ, share=share, max_step=worst_step)
     compare_sets(report, f"{name}_floats", floats_a, floats_b, REL_FLOAT, relative=True)
 
@@ -174,7 +179,7 @@ def run(ctx) -> None:
     """The ``stages`` part (module doc)."""
     cpu, dev, report = torch.device("cpu"), ctx.device, ctx.report
     cfg = MICRO_MODEL if ctx.tiny else TINY_MODEL
-    seqlen, n_calib = (32, 2) if ctx.tiny else (256, 8)
+    seqlen, n_calib = (32, 2) if ctx.tiny else (128, 8)
     # --tiny: no MSE clip search (the slowest part of a CPU fuse; the same code otherwise)
     quant = replace(QUANT, w_mse_clip=False) if ctx.tiny else QUANT
     spec = replace(TRAIN, batch_size=1) if ctx.tiny else TRAIN
@@ -217,7 +222,7 @@ def run(ctx) -> None:
         return out
 
     compare_sets(report, "approximate_subspace", projected(got_sub), projected(ref_sub), ABS_SUBSPACE)
-    report.data["checks"][-1]["min_gap"] = min((r.get("gap", float("inf")) for r in ref_rows), default=None)
+    report.data["checks"][-1]["min_sigma_gap"] = min((r["sigma_gap"] for r in ref_rows), default=None)
     ref_sub = {k: v.cpu().float() for k, v in ref_sub.items()}
 
     # fuse (RTN and GPTQ), the checkpoint round trip and perplexity
