@@ -446,6 +446,30 @@ def run_cells(plan: Plan, cfg: DictConfig, load: Callable[[], tuple[nn.Module, o
     return written
 
 
+def table(results_path: Path, model: str | None = None) -> list[str]:
+    """The results file as markdown rows, one per (model, seed, config, N): median [q25, q75] over the
+    transitions of the energy at r and of the split-half agreement, the single-window energy, seconds."""
+    rows = sorted((r for r in read_results(results_path)["results"].values() if model is None or r["model"] == model),
+                  key=lambda r: (r["model"], r["seed"], r["config_sha256"], r["windows"]))
+    if not rows:
+        raise PipelineError(f"{results_path}: no results{f' of {model}' if model else ''}")
+
+    def cell(q: dict) -> str:
+        return f"{q['median']:.3f} [{q['q25']:.3f}, {q['q75']:.3f}]"
+
+    r0 = rows[0]
+    out = [(f"| model | seed | config | N | energy in top {r0['rank']} | split-half agreement | one window's energy "
+           "| s/window | device |"), "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        single = cell(r["single_energy"]) if "single_energy" in r else "-"
+        out.append(f"| {r['model']} | {r['seed']} | {r['config_sha256'][:8]} | {r['windows']} | {cell(r['energy'])} | "
+                   f"{cell(r['agreement'])} | {single} | {r['seconds_per_window']:.1f} | {r.get('device', '-')} |")
+    out.append(f"\nreferences: a random skew-symmetric {r0['hidden']}x{r0['hidden']} matrix puts "
+               f"{r0['random_energy']:.3f} of its energy in its top {r0['rank']}; unrelated subspaces agree "
+               f"{r0['random_agreement']:.3f} (r/D) on average")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------
 # plot
 
@@ -523,7 +547,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scratch", default="runs/premise", help="the running gradient sums (resume)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="minutes from now: start no cell whose estimated time ends past it")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw --plot from --out")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: print --out as a markdown table (and redraw --plot if given)")
     args = parser.parse_args(argv)
 
     def body(a: argparse.Namespace) -> None:
@@ -541,10 +566,10 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(a.threads)
         out = REPO_ROOT / a.out if not Path(a.out).is_absolute() else Path(a.out)
         plot_path = None if a.plot is None else (REPO_ROOT / a.plot if not Path(a.plot).is_absolute() else Path(a.plot))
-        if a.plot_only:
-            if plot_path is None:
-                raise PipelineError("--plot-only needs --plot PATH")
-            print(f"wrote {plot(out, plot_path)}")
+        if a.report:
+            print("\n".join(table(out)))
+            if plot_path is not None:
+                print(f"wrote {plot(out, plot_path)}")
             return
         counts = check_windows(a.windows)
         read_results(out)  # a broken results file is refused before any work

@@ -134,6 +134,8 @@ def test_cells_skip_resume_and_deadline(tmp_path):
     key = next(iter(again))
     assert again[key]["energy_per_transition"] == pytest.approx(first[key]["energy_per_transition"])
     assert premise.GradientSums.load(state, digest).n == 4
+    rows = premise.table(tmp_path / "p.json")
+    assert len(rows) == 2 + 2 + 1 and rows[2].startswith("| tiny_llama | 0 |") and "| 2 |" in rows[2]
     pytest.importorskip("matplotlib")
     assert premise.plot(tmp_path / "p.json", tmp_path / "p.png").stat().st_size > 0
 
