@@ -81,7 +81,8 @@ def adaptive_rank(sigma: torch.Tensor, energy: float) -> int:
         return 0
     captured = torch.cumsum(power, 0) / total
     # a tiny tolerance: energy=1.0 must not demand more than float64 can add up to
-    return int(torch.searchsorted(captured, torch.tensor(energy - 1e-12, dtype=torch.float64)).item()) + 1
+    bound = torch.tensor(energy - 1e-12, dtype=torch.float64, device=captured.device)
+    return int(torch.searchsorted(captured, bound).item()) + 1
 
 
 def polar(a: torch.Tensor) -> torch.Tensor:
@@ -147,11 +148,11 @@ def approximate(T: torch.Tensor, spec: ApproxSpec) -> Approximation:
     """
     T = T.detach().to(torch.float64)
     D = T.shape[0]
-    eye = torch.eye(D, dtype=torch.float64)
+    eye = torch.eye(D, dtype=torch.float64, device=T.device)
     U, sigma = singular_pairs(T - eye)
     r = spec.rank_for(sigma)
     Q = U[:, :r].contiguous()
-    M = polar(Q.T @ T @ Q) - torch.eye(r, dtype=torch.float64)
+    M = polar(Q.T @ T @ Q) - torch.eye(r, dtype=torch.float64, device=T.device)
     T_hat = eye + Q @ M @ Q.T
     power = sigma**2
     total = power.sum().item()
@@ -177,7 +178,7 @@ def restore_float64(Q: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, tor
         return Q64, M64
     q, r = torch.linalg.qr(Q64)
     q = q * torch.sign(torch.diagonal(r))  # keep each column's direction
-    eye = torch.eye(M64.shape[0], dtype=torch.float64)
+    eye = torch.eye(M64.shape[0], dtype=torch.float64, device=M64.device)
     return q, polar(eye + M64) - eye
 
 

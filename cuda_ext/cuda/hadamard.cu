@@ -7,7 +7,8 @@
 //      m <= 32: a thread owns whole columns j of X, reads X[:, j] into registers and writes
 //               Y[:, j] in place (no other thread touches column j);
 //      m > 32 (e.g. 40, 172, 344): Y goes to a second shared buffer of n floats;
-//   4. * (1 / sqrt(n)), then store (hadamard) or quantize + pack (hadamard_quantize_act, the same
+//   4. / sqrt(n) (a correctly rounded division, as the CPU does: x * (1/sqrt(n)) differs by 1 ulp
+//      for most n that are not a power of 4), then store (hadamard) or quantize + pack (hadamard_quantize_act, the same
 //      arithmetic as quantize_act on the float32 Y, so no float16 rounding between the two).
 // The operation order is the CPU reference's and no FMA is formed (explicit _rn intrinsics), so
 // float32 results match it bit for bit. Tuning left for later: the first butterfly stages in
@@ -26,14 +27,14 @@ struct HadamardArgs {
   int m;              // base order
   int p;              // power of two, n = m * p
   int n;
-  float norm;         // 1 / sqrt(n), computed on the host as the CPU reference does
+  float norm;         // sqrt(n) rounded to float32 from a double sqrt, as the CPU reference computes it
   float clip;         // quantizer only
   uint32_t* packed;   // quantizer only: (rows, n / 8) words
   float* scale;
   int32_t* zero;
 };
 
-// Steps 1-3 on this block's row; returns the buffer holding Y (still to be multiplied by `post`).
+// Steps 1-3 on this block's row; returns the buffer holding Y (still to be divided by `post`).
 template <typename T, bool kWideBase>
 __device__ __forceinline__ const float* transform_row(const T* __restrict__ xr, const HadamardArgs& args, float* buf,
                                                       float* out, float* base_s, float& post) {
@@ -72,7 +73,7 @@ __device__ __forceinline__ const float* transform_row(const T* __restrict__ xr, 
         for (int l = 0; l < kMaxRegisterM; ++l) {
           if (l < m) acc = __fadd_rn(acc, __fmul_rn(base_s[l * m + i], col[l]));
         }
-        buf[i * p + j] = __fmul_rn(acc, args.norm);
+        buf[i * p + j] = __fdiv_rn(acc, args.norm);
       }
     }
     __syncthreads();
@@ -83,7 +84,7 @@ __device__ __forceinline__ const float* transform_row(const T* __restrict__ xr, 
       const int i = idx / p, j = idx % p;
       float acc = 0.0f;
       for (int l = 0; l < m; ++l) acc = __fadd_rn(acc, __fmul_rn(__ldg(args.base + l * m + i), buf[l * p + j]));
-      out[idx] = __fmul_rn(acc, args.norm);
+      out[idx] = __fdiv_rn(acc, args.norm);
     }
     __syncthreads();
     return out;
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(512) hadamard_kernel(const T* x, T* y, Hadamar
   float post = 1.0f;
   const float* res = transform_row<T, kWideBase>(x + row * args.n, args, buf, out, base_s, post);
   T* yr = y + row * args.n;
-  for (int i = threadIdx.x; i < args.n; i += blockDim.x) yr[i] = from_float<T>(__fmul_rn(res[i], post));
+  for (int i = threadIdx.x; i < args.n; i += blockDim.x) yr[i] = from_float<T>(__fdiv_rn(res[i], post));
 }
 
 template <typename T, bool kWideBase>
@@ -120,7 +121,7 @@ __global__ void __launch_bounds__(512) hadamard_quantize_kernel(const T* __restr
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const float v = __fmul_rn(res[8 * c + i], post);
+      const float v = __fdiv_rn(res[8 * c + i], post);
       lo = fminf(lo, v);
       hi = fmaxf(hi, v);
     }
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(512) hadamard_quantize_kernel(const T* __restr
   for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
     float v[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(res[8 * c + i], post);
+    for (int i = 0; i < 8; ++i) v[i] = __fdiv_rn(res[8 * c + i], post);
     pr[c] = quantize8(v, grid);
   }
   if (threadIdx.x == 0) {
@@ -163,7 +164,7 @@ HadamardArgs make_args(int64_t n, const float* base, int64_t bm) {
   args.m = static_cast<int>(bm);
   args.p = static_cast<int>(n / bm);
   args.n = static_cast<int>(n);
-  args.norm = 1.0f / std::sqrt(static_cast<float>(n));
+  args.norm = static_cast<float>(std::sqrt(static_cast<double>(n)));
   return args;
 }
 
