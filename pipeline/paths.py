@@ -56,13 +56,18 @@ def eval_metrics(cfg: DictConfig, name: str) -> Path:
 
 
 def eval_windows(cfg: DictConfig, name: str) -> Path:
-    """Each evaluation window's mean NLL of a variant (json; the report's paired bootstrap)."""
+    """Each evaluation window's mean NLL of a variant (json; the report pairs variants window by window)."""
     return metrics(cfg) / "eval_windows" / f"{name}.json"
 
 
 def seed_metrics(cfg: DictConfig, seed: int) -> Path:
     """The metrics folder of a seed run (``pipeline.seed_runs``): ``<metrics>/seeds/seed<k>``."""
     return metrics(cfg) / "seeds" / f"seed{seed}"
+
+
+def cells_results(cfg: DictConfig) -> Path:
+    """The experiment matrix's results (``pipeline.cells``): ``<metrics>/cells/<model>/<quant>-<weights>/seed<k>/``."""
+    return metrics(cfg) / "cells"
 
 
 def rank_sweep(cfg: DictConfig, name: str) -> Path:

@@ -39,7 +39,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, desc: str = "ppl") -> di
 
     Each window predicts its tokens 1..seqlen-1 from the preceding ones, as in the GPTQ/QuaRot protocol.
     Returns ``{"ppl", "nll", "tokens", "window_nll"}``: ``window_nll`` is each window's mean NLL (nats
-    per predicted token), what the report's paired bootstrap resamples.
+    per predicted token), what the report pairs between variants.
     """
     model.eval()
     device = _device(model)

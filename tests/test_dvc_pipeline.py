@@ -16,17 +16,16 @@ from pipeline.config import write_params
 
 from mlflow_server import mlflow_server, search_runs
 
-COPY = ["pipeline", "stages", "conf", "notebooks", "cuda_ext", "dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore", "pyproject.toml"]
+COPY = ["pipeline", "stages", "conf", "notebooks", "cuda_ext", "dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore",
+        "pyproject.toml", "metrics/cells/README.md", "metrics/seeds/README.md"]
 TINY = ["model=tiny_llama", "train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2",
         "train.checkpoint_every=1", "calib.stats_windows=2", "eval.seqlen=128", "eval.max_windows=2",
         "eval.limit=2", "eval.tasks=[arc_easy,piqa,hellaswag]", "rank_sweep.ranks=[0,full]",
         "rank_sweep.max_windows=1", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
         "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8", "report.seeds=[0,1]",
-        "report.bootstrap=200",
-        # five of the seven default variants: every stage and every kind of variant (no rotation, trained global,
-        # per-layer, both low-rank ones) once; fp16 and quarot only repeat rtn's and spinquant's stages
-        "~method@variants.fp16.method", "~quant@variants.fp16.quant", "~method@variants.quarot.method",
-        "~quant@variants.quarot.quant", "global_variants=[rtn,spinquant]"]
+        # six of the seven default variants: every stage and every kind of variant (no rotation, Hadamard, trained
+        # global, per-layer, both low-rank ones) once; fp16 only repeats rtn's stages
+        "~variants.fp16", "global_variants=[rtn,quarot,spinquant]"]
 GIT_ID = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
@@ -119,7 +118,7 @@ def _check_outputs(repo: Path) -> None:
     # shared training: layerwise starts from spinquant's global set, respinquant approximates layerwise's
     assert not (repo / "artifacts" / "rotations" / "layerwise" / "global.safetensors").exists()
     assert not (repo / "artifacts" / "rotations" / "respinquant" / "layerwise.safetensors").exists()
-    assert set(params["variants"]) == {"rtn", "spinquant", "layerwise", "respinquant", "respinquant_chained"}
+    assert set(params["variants"]) == {"rtn", "quarot", "spinquant", "layerwise", "respinquant", "respinquant_chained"}
     for name in ("respinquant", "respinquant_chained"):  # both variants against the rank
         sweep = (repo / "metrics" / "rank_sweep" / f"{name}.csv").read_text().splitlines()
         assert sweep[0].startswith("rank,mean_rank") and [line.split(",")[0] for line in sweep[1:]] == ["0", "full"]

@@ -7,7 +7,7 @@ and the device's free memory) is evaluated layer-sequentially, perplexity only.
 task (its headline metric: acc_norm where lm-eval's task defines it, else acc), plus ``<task>_acc`` /
 ``<task>_acc_norm``, the tasks that ran and the tasks skipped (no data). ``eval.corpus`` (a UTF-8 text
 file) replaces WikiText-2 with the user's text, windowed the same way; its keys are ``corpus_*``.
-``metrics/eval_windows/<variant>.json`` keeps each window's mean NLL (the report's bootstrap).
+``metrics/eval_windows/<variant>.json`` keeps each window's mean NLL (the report's paired statistics).
 """
 from __future__ import annotations
 

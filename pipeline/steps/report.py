@@ -16,14 +16,15 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
 
 from .. import paths
 from ..artifacts import atomic_path, write_csv
+from ..cells_report import matrix_markdown, matrix_rows
 from ..errors import PipelineError
+from ..results import SeedResult, check_one_config, check_paired
 from ..seed_stats import mean_std, paired_ratio
 from ..tracking import stage_run
 
@@ -33,25 +34,10 @@ def _fmt(value, digits: int) -> str:
 
 
 REFERENCES = ("spinquant", "layerwise")  # the methods every row's ratio is taken against
-# what may differ between the runs one row pools: the seed is the point, the rest says where, when and
-# how (layer by layer or whole) the same configuration ran; everything else (model, method, quant, weight
-# quantizer, dtype, ...) must agree
-POOLED = frozenset({"seed", "commit", "wall_time", "wall_seconds", "layer_sequential"})
-
-
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise PipelineError(f"{path} is missing: {what}")
     return json.loads(path.read_text())
-
-
-class SeedResult(NamedTuple):
-    """One recorded evaluation of a variant: its seed, its eval json (``path``) and its per-window NLLs."""
-
-    seed: int
-    path: Path
-    result: dict
-    windows: dict
 
 
 def seed_results(metrics: Path, names: list[str], seeds: list[int]) -> dict[str, list[SeedResult]]:
@@ -77,55 +63,6 @@ def seed_results(metrics: Path, names: list[str], seeds: list[int]) -> dict[str,
             runs.append(SeedResult(seed, path, result, windows))
         out[name] = runs
     return out
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    """``{"a.b": value}`` of a nested dict."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def run_config(run: SeedResult) -> dict:
-    """The configuration a run was made under as ``{"dotted.key": value}``, less every key named in
-    ``POOLED`` at any depth (a seed reaches ``train.seed`` and every ``method.seed`` too): its eval json's
-    ``config`` where it records one, else the fields an eval json has always recorded."""
-    config = run.result.get("config")
-    if config is None:
-        config = {"method": run.result["method"], "quant": run.result["quant"],
-                  "weights": run.result.get("weights", "rtn"), "corpus": run.result.get("corpus")}
-    return {k: v for k, v in _flat(config).items() if k.rsplit(".", 1)[-1] not in POOLED}
-
-
-def _check_one_config(name: str, runs: list[SeedResult]) -> dict:
-    """The runs a row pools were made under one configuration (one line naming both files if not); it."""
-    first = run_config(runs[0])
-    for run in runs[1:]:
-        other = run_config(run)
-        for key in sorted(set(first) | set(other)):
-            if first.get(key) != other.get(key):
-                raise PipelineError(f"{runs[0].path} and {run.path} differ in {key} ({first.get(key)!r} vs "
-                                    f"{other.get(key)!r}): variant {name} pools only runs of one configuration")
-    return first
-
-
-def _check_paired(tables: dict[str, list[SeedResult]]) -> str:
-    """Every variant and seed was evaluated on the same windows of the same text; its metric prefix."""
-    def signature(data: dict) -> tuple:
-        return data["corpus"], data["text_sha256"], data["seqlen"], len(data["window_nll"])
-
-    runs = [(name, run.seed, signature(run.windows)) for name, by_seed in tables.items() for run in by_seed]
-    first = runs[0]
-    for other in runs[1:]:
-        if other[2] != first[2]:
-            raise PipelineError(f"variants {first[0]} (seed {first[1]}) and {other[0]} (seed {other[1]}) were "
-                                f"evaluated on different windows ({first[2][0]} x{first[2][3]} vs "
-                                f"{other[2][0]} x{other[2][3]}): rerun eval")
-    return "wikitext2" if first[2][0] == "wikitext2" else "corpus"
 
 
 def _comparable(row: dict, config: dict) -> tuple:
@@ -163,8 +100,8 @@ def method_rows(cfg: DictConfig) -> list[dict]:
     t-intervals over seeds and significance, each zero-shot task, zeroshot_avg (seed 0)."""
     names = list(cfg.variants)
     tables = seed_results(paths.metrics(cfg), names, list(cfg.report.get("seeds") or [0]))
-    key = _check_paired(tables)
-    configs = {name: _check_one_config(name, runs) for name, runs in tables.items()}
+    key = check_paired(tables)
+    configs = {name: check_one_config(name, runs) for name, runs in tables.items()}
     nlls = {name: {run.seed: torch.tensor(run.windows["window_nll"], dtype=torch.float64) for run in runs}
             for name, runs in tables.items()}
     rows, zeroshot = [], []
@@ -260,9 +197,12 @@ def run(cfg: DictConfig) -> None:
             with paths.rank_sweep(cfg, name).open() as f:
                 sweeps[name] = list(csv.DictReader(f))
     out = Path(cfg.report.path)
+    level = float(cfg.report.get("level", 0.95))
+    matrix = matrix_markdown(matrix_rows(paths.cells_results(cfg), level), level)
     with stage_run(cfg, "report"):
         write_csv(paths.report_table(cfg), rows)
         with atomic_path(out) as tmp:
-            tmp.write_text(markdown(cfg, rows, sweeps))
+            tmp.write_text(markdown(cfg, rows, sweeps) + "\n## The experiment matrix (`python -m pipeline.cells`)\n\n"
+                           + matrix)
         mlflow.log_artifact(str(out))
         mlflow.log_artifact(str(paths.report_table(cfg)))
