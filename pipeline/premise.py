@@ -23,7 +23,9 @@ and the split-half agreement of the top-r left singular subspaces ``‖Q_1^T Q_2
 mean ``dT`` of the even and the odd windows (``subspace_agreement``; 1 = the same subspace, ``r / D`` on
 average for unrelated ones). Also reported: the same for the optimizer's first step at the training's lr
 (``a_X = min(lr, 1 / ‖W_X‖)`` per basis, ``dT = A^T (a_B W_B - a_A W_A) B``), the energy of single
-windows' directions (the noise floor), and that of a random skew-symmetric Gaussian matrix (no structure).
+windows' directions (the noise floor), that of a random skew-symmetric Gaussian matrix (no structure),
+and the signal share ``<dT_even, dT_odd> / ‖dT_all‖²`` (``signal_share``: how much of the mean direction
+is the data's common direction rather than window-to-window noise).
 
 Cells: each N is one result in the JSON file (``--out``), keyed by model, N, seed and the hash of the
 config; a present key is skipped. The windows are a seeded sample (``data.sample_windows``, as
@@ -133,6 +135,16 @@ def subspace_agreement(delta_1: torch.Tensor, delta_2: torch.Tensor, r: int) -> 
     subspace, 0 for orthogonal ones, ``r / D`` expected for unrelated random ones."""
     Q1, Q2 = top_subspace(delta_1, r), top_subspace(delta_2, r)
     return (Q1.T @ Q2).pow(2).sum().item() / Q1.shape[1]
+
+
+def signal_share(delta_even: torch.Tensor, delta_odd: torch.Tensor, delta_all: torch.Tensor) -> float:
+    """``<Δ_even, Δ_odd>_F / ‖Δ_all‖_F²``: the share of the mean direction's squared norm that both
+    halves have in common. With ``Δ = s + noise`` (independent per window, variance ``σ²`` each), the
+    numerator estimates ``‖s‖²`` without bias and the denominator ``‖s‖² + σ²/N``: near 1 when the data's
+    direction dominates, near 0 (either sign) when noise does."""
+    total = delta_all.to(torch.float64).pow(2).sum().item()
+    cross = (delta_even.to(torch.float64) * delta_odd.to(torch.float64)).sum().item()
+    return 0.0 if total <= 0 else cross / total
 
 
 def random_skew_energy(dim: int, r: int, seed: int = 0) -> float:
@@ -279,6 +291,9 @@ def premise_metrics(sums: GradientSums, bases: Mapping[str, torch.Tensor], n_lay
         out[f"{prefix}energy_per_transition"], out[f"{prefix}agreement_per_transition"] = energy, agree
         if prefix == "":
             out["direction_norm_per_transition"] = [d_all[k].norm().item() for k in out["transitions"]]
+            share = [signal_share(d_even[k], d_odd[k], d_all[k]) for k in out["transitions"]]
+            out["signal_share"], out["signal_share_per_transition"] = quantiles(share), share
+            out["basis_direction_norm_max"] = max(w.norm().item() for w in W_all.values())
             out["skew_error"] = max((d + d.T).abs().max().item() / max(d.abs().max().item(), 1e-300)
                                     for d in d_all.values())
     if sums.single:
@@ -462,8 +477,9 @@ def table(results_path: Path, model: str | None = None) -> list[str]:
            "| s/window | device |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         single = cell(r["single_energy"]) if "single_energy" in r else "-"
+        share = cell(r["signal_share"]) if "signal_share" in r else "-"
         out.append(f"| {r['model']} | {r['seed']} | {r['config_sha256'][:8]} | {r['windows']} | {cell(r['energy'])} | "
-                   f"{cell(r['agreement'])} | {single} | {r['seconds_per_window']:.1f} | {r.get('device', '-')} |")
+                   f"{cell(r['agreement'])} | {share} | {single} | {r['seconds_per_window']:.1f} | {r.get('device', '-')} |")
     out.append(f"\nreferences: a random skew-symmetric {r0['hidden']}x{r0['hidden']} matrix puts "
                f"{r0['random_energy']:.3f} of its energy in its top {r0['rank']}; unrelated subspaces agree "
                f"{r0['random_agreement']:.3f} (r/D) on average")

@@ -71,6 +71,8 @@ def test_energy_and_agreement():
     other = torch.randn(D, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     assert 0.0 <= premise.subspace_agreement(S, other - other.T, r) < 1.0
     assert premise.top_subspace(S, r).shape == (D, r)
+    assert premise.signal_share(S, S, S) == pytest.approx(1.0)
+    assert abs(premise.signal_share(S, other - other.T, (S + other - other.T) / 2)) < 0.5
     q = premise.quantiles([0.0, 1.0, 2.0, 3.0, 4.0])
     assert (q["median"], q["q25"], q["q75"], q["min"], q["max"]) == (2.0, 1.0, 3.0, 0.0, 4.0)
 
@@ -98,6 +100,7 @@ def test_gradients_on_a_tiny_model_and_identical_halves():
     assert len(metrics["energy_per_transition"]) == 2 * L
     assert all(0.0 <= e <= 1.0 for e in metrics["energy_per_transition"])
     assert metrics["skew_error"] < 1e-12
+    assert metrics["signal_share"]["min"] == pytest.approx(1.0)
     assert premise.premise_metrics(sums, bases, L, rank=D)["energy"]["min"] == pytest.approx(1.0)
 
 
