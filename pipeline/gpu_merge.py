@@ -1,14 +1,14 @@
-"""Publish a ``gpu_check`` result: its rows into ``docs/scale.json``, ``docs/bench-gpu.json`` and a README
-section labelled with the GPU, the date and the random-weight caveat.
+"""Publish a ``gpu_check`` result: its rows into ``docs/scale.json``, ``docs/bench-gpu.json`` and a section of
+``docs/scale.md`` labelled with the GPU, the date and the random-weight caveat.
 
     python -m pipeline.gpu_merge RESULT.json [--scale docs/scale.json] [--bench docs/bench-gpu.json]
-                                             [--readme README.md]
+                                             [--readme docs/scale.md]
 
 - ``docs/scale.json``: the result's ``scale`` rows appended (``source: gpu_check`` and the run's date);
   rows of the same run merged before are replaced, so merging twice changes nothing.
 - ``docs/bench-gpu.json``: the latest GPU run as a whole, in ``metrics/bench.json``'s layout
   (``backend, device, note, rows``) plus ``gpu``, ``date``, ``env``, ``checks`` and ``parts``.
-- README: the text between ``<!-- gpu-check:begin -->`` and ``<!-- gpu-check:end -->`` replaced (the
+- ``--readme`` (``docs/scale.md``): the text between ``<!-- gpu-check:begin -->`` and ``<!-- gpu-check:end -->`` replaced (the
   section is appended at the end when the markers are absent).
 """
 from __future__ import annotations
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("result", help="the gpu_check.json a GPU run returned")
     parser.add_argument("--scale", default=str(REPO_ROOT / "docs" / "scale.json"))
     parser.add_argument("--bench", default=str(REPO_ROOT / "docs" / "bench-gpu.json"))
-    parser.add_argument("--readme", default=str(REPO_ROOT / "README.md"))
+    parser.add_argument("--readme", default=str(REPO_ROOT / "docs" / "scale.md"), help="the markdown file whose "
+                        "gpu-check section is replaced")
     args = parser.parse_args(argv)
     result = read_result(Path(args.result))
     if result["meta"]["device"] != "cuda":
