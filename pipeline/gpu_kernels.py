@@ -203,6 +203,25 @@ def correctness(ctx) -> None:
                          "float32: max |out - float64 reference| <= 1e-5 (1 + max |ref|); both calls equal",
                          seed=seed, poison_hit=hit, max_abs=err, bound_value=bound)
 
+    # Linear4bit (what load_quantized(backend="kernel") runs) on the device against the same layer on the CPU
+    from torch import nn
+
+    from .linear4bit import Linear4bit
+
+    for m, k, n, rotate in [(3, 64, 40, False), (17, 576, 96, True)] + ([] if tiny else [(33, 4096, 1024, True)]):
+        g, seed = gen()
+        scale = torch.rand(n, generator=g) * 0.02 + 0.005
+        linear = nn.Linear(k, n, bias=True)
+        with torch.no_grad():
+            linear.weight.copy_(codes(g, n, k).float() * scale[:, None])
+            linear.bias.copy_(torch.randn(n, generator=g))
+        layer = Linear4bit.from_float(linear, scale, 0.9, rotate)
+        x = torch.randn(m, k, generator=g, dtype=torch.bfloat16)
+        ref = layer(x)
+        on_dev = Linear4bit.from_float(linear.to(dev), scale.to(dev), 0.9, rotate)
+        exact_check(ctx, f"linear4bit_{m}x{k}x{n}{'_hadamard' if rotate else ''}", lambda: on_dev(x.to(dev)), [ref],
+                    seed, reference="Linear4bit on the CPU")
+
 
 LLAMA3_8B_LINEARS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 L2_DEFEAT_BYTES = 128 * 2**20  # weights cycled per timed batch: over twice the H200's 50 MB L2

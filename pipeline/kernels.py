@@ -91,6 +91,11 @@ def cuda_ops():
                 extra_cuda_cflags=["-O3", "-std=c++17"], verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
 
 
+def ops_for(t: torch.Tensor):
+    """The kernels for ``t``'s device: the CUDA extension for a CUDA tensor, the CPU extension otherwise."""
+    return cuda_ops() if t.is_cuda else cpu_ops()
+
+
 def check_k(k: int, what: str) -> None:
     """One clear line for a K the int4 layout cannot hold."""
     if k <= 0 or k % ALIGN:

@@ -12,11 +12,14 @@ from torch import nn
 
 from .errors import PipelineError
 from .hadamard import has_hadamard
-from .kernels import check_k, cpu_ops, hadamard_base
+from .kernels import check_k, cpu_ops, hadamard_base, ops_for
 
 
 class Linear4bit(nn.Module):
-    """W4A4 linear: ``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype (computed in float32 on the CPU).
+    """W4A4 linear: ``x (..., K)`` -> ``(..., N)`` in ``x``'s dtype, on the kernels of ``x``'s device
+    (``kernels.ops_for``: the CUDA extension for CUDA tensors, the C++ CPU one otherwise); the
+    activations are quantized from float32 and the epilogue is float32 on both, so both give the same
+    codes and the same output bits.
 
     Buffers: ``qweight`` uint8 ``(N, K/2)`` packed codes, ``w_scale`` float32 ``(N,)``, ``w_sum``
     int32 ``(N,)`` (row sums of the codes, the zero-point term), ``bias`` float32 ``(N,)`` or None,
@@ -31,10 +34,10 @@ class Linear4bit(nn.Module):
         check_k(self.in_features, "Linear4bit")
         self.clip_ratio = float(clip_ratio)
         self.rotate_input = rotate_input
-        codes = cpu_ops().unpack_int4(qweight.contiguous())
+        codes = cpu_ops().unpack_int4(qweight.detach().cpu().contiguous())
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("w_scale", w_scale.reshape(n).to(torch.float32).contiguous())
-        self.register_buffer("w_sum", codes.to(torch.int32).sum(dim=1, dtype=torch.int32))
+        self.register_buffer("w_sum", codes.to(torch.int32).sum(dim=1, dtype=torch.int32).to(qweight.device))
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
         if rotate_input and not has_hadamard(self.in_features):
             raise PipelineError(f"Linear4bit: no Hadamard construction for K={self.in_features}")
@@ -58,7 +61,7 @@ class Linear4bit(nn.Module):
         tol = max(1e-3, 8 * torch.finfo(w.dtype).eps) if w.is_floating_point() else 1e-3
         if (ratio - codes).abs().max() > tol or codes.min() < -8 or codes.max() > 7:
             raise PipelineError("Linear4bit.from_float: the weight is not on the 4-bit grid of weight_scale")
-        qweight = cpu_ops().pack_int4(codes.to(torch.int8))
+        qweight = cpu_ops().pack_int4(codes.to(torch.int8).cpu()).to(w.device)
         return cls(qweight, weight_scale, linear.bias, clip_ratio, rotate_input)
 
     @classmethod
@@ -71,13 +74,20 @@ class Linear4bit(nn.Module):
         return cls.from_float(module.linear, module.weight_scale, act.clip_ratio, module.rotate_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = cpu_ops()
+        ops = ops_for(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        if self.rotate_input:
-            x2 = ops.hadamard(x2, self.had_base)
-        packed, scale, zero = ops.quantize_act(x2, self.clip_ratio)
-        y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum)
+        x2 = x.reshape(-1, self.in_features).to(torch.float32).contiguous()
+        if x.is_cuda:  # Hadamard and quantization in one launch; the float32 epilogue as on the CPU
+            if self.rotate_input:
+                packed, scale, zero = ops.hadamard_quantize_act(x2, self.had_base, self.clip_ratio)
+            else:
+                packed, scale, zero = ops.quantize_act(x2, self.clip_ratio)
+            y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum, out_dtype=torch.float32)
+        else:
+            if self.rotate_input:
+                x2 = ops.hadamard(x2, self.had_base)
+            packed, scale, zero = ops.quantize_act(x2, self.clip_ratio)
+            y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
