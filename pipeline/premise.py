@@ -473,8 +473,8 @@ def table(results_path: Path, model: str | None = None) -> list[str]:
         return f"{q['median']:.3f} [{q['q25']:.3f}, {q['q75']:.3f}]"
 
     r0 = rows[0]
-    out = [(f"| model | seed | config | N | energy in top {r0['rank']} | split-half agreement | one window's energy "
-           "| s/window | device |"), "|---|---|---|---|---|---|---|---|---|"]
+    out = [(f"| model | seed | config | N | energy in top {r0['rank']} | split-half agreement | signal share "
+           "| one window's energy | s/window | device |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         single = cell(r["single_energy"]) if "single_energy" in r else "-"
         share = cell(r["signal_share"]) if "signal_share" in r else "-"
