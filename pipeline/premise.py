@@ -58,6 +58,7 @@ from .train import window_loss
 from .trainable import TrainableRotations, parametrize_rotations
 
 RANK = 32
+PROFILE_RANKS = (2, 4, 8, 16, 32, 64, 128)  # ranks of the by-rank profile (energy, agreement, held-out energy)
 LR = 1.5  # the training's Cayley SGD lr (conf/train/*.yaml), for the first-step variant
 Q_BOUND = 0.5  # CayleySGD's q: a = min(lr, 2q / ||W||)
 SCHEMA = 1  # bump when what a result means changes (it enters the config hash)
@@ -145,6 +146,31 @@ def signal_share(delta_even: torch.Tensor, delta_odd: torch.Tensor, delta_all: t
     total = delta_all.to(torch.float64).pow(2).sum().item()
     cross = (delta_even.to(torch.float64) * delta_odd.to(torch.float64)).sum().item()
     return 0.0 if total <= 0 else cross / total
+
+
+def split_half_profile(delta_all: torch.Tensor, delta_even: torch.Tensor, delta_odd: torch.Tensor,
+                       ranks: Iterable[int]) -> dict[int, dict[str, float]]:
+    """Per rank r, from one eigendecomposition per matrix ((D, D) each): ``energy`` (``captured_energy``
+    of ``delta_all``), ``agreement`` (``subspace_agreement`` of the halves) and ``heldout`` energy: the
+    share of one half's squared norm inside the other half's top-r subspace, ``‖Q_even^T Δ_odd‖² / ‖Δ_odd‖²``
+    averaged with the swap. The held-out energy is what a subspace chosen on one sample captures of
+    another: noise in the choosing half cannot inflate it, unlike ``energy``."""
+    power = torch.linalg.eigvalsh(delta_all.to(torch.float64) @ delta_all.to(torch.float64).T).flip(0).clamp_min(0.0)
+    _, Q_even = _gram_spectrum(delta_even)
+    _, Q_odd = _gram_spectrum(delta_odd)
+    d_even, d_odd = delta_even.to(torch.float64), delta_odd.to(torch.float64)
+    n_even, n_odd, total = d_even.pow(2).sum().item(), d_odd.pow(2).sum().item(), power.sum().item()
+    in_odd = (Q_even.T @ d_odd).pow(2).sum(dim=1).cumsum(0)  # energy of Δ_odd in Q_even[:, :r], every r
+    in_even = (Q_odd.T @ d_even).pow(2).sum(dim=1).cumsum(0)
+    out = {}
+    for r in ranks:
+        k = min(r, power.numel())  # r >= D: everything
+        heldout = 0.5 * ((in_odd[k - 1].item() / n_odd if n_odd > 0 else 1.0)
+                         + (in_even[k - 1].item() / n_even if n_even > 0 else 1.0))
+        out[r] = {"energy": 1.0 if total <= 0 else min(1.0, power[:k].sum().item() / total),
+                  "agreement": (Q_even[:, :k].T @ Q_odd[:, :k]).pow(2).sum().item() / k,
+                  "heldout": min(1.0, heldout)}
+    return out
 
 
 def random_skew_energy(dim: int, r: int, seed: int = 0) -> float:
@@ -277,16 +303,29 @@ def premise_metrics(sums: GradientSums, bases: Mapping[str, torch.Tensor], n_lay
     """A cell's numbers from ``sums`` (n >= 2 windows): per transition and summarised over them (quantiles),
     the captured energy of the mean direction and the even/odd split-half agreement, for the gradient
     flow (``energy``, ``agreement``) and the optimizer's first step (``step_energy``, ``step_agreement``);
-    the single-window energies (``single_energy``, over the first windows and transitions) and references."""
+    for the gradient flow also the held-out energy, the signal share and ``by_rank`` (quantiles of energy,
+    agreement and held-out energy at each of ``PROFILE_RANKS``); the single-window energies
+    (``single_energy``, over the first windows and transitions) and references."""
     total, even, odd = sums.means()
     out: dict = {"transitions": [k for k, _, _ in transition_chain(n_layers)]}
     W_all, W_even, W_odd = (basis_directions(g, bases) for g in (total, even, odd))
+    keys = out["transitions"]
     for prefix, step_lr in (("", None), ("step_", lr)):
         d_all = transition_directions(W_all, bases, n_layers, step_lr)
         d_even = transition_directions(W_even, bases, n_layers, step_lr)
         d_odd = transition_directions(W_odd, bases, n_layers, step_lr)
-        energy = [captured_energy(d_all[k], rank) for k in out["transitions"]]
-        agree = [subspace_agreement(d_even[k], d_odd[k], rank) for k in out["transitions"]]
+        if prefix == "":
+            ranks = sorted({*PROFILE_RANKS, rank})
+            profiles = [split_half_profile(d_all[k], d_even[k], d_odd[k], ranks) for k in keys]
+            energy = [p[rank]["energy"] for p in profiles]
+            agree = [p[rank]["agreement"] for p in profiles]
+            heldout = [p[rank]["heldout"] for p in profiles]
+            out["heldout_energy"], out["heldout_energy_per_transition"] = quantiles(heldout), heldout
+            out["by_rank"] = {str(r): {m: quantiles(p[r][m] for p in profiles) for m in ("energy", "agreement", "heldout")}
+                              for r in ranks if r <= d_all[keys[0]].shape[0]}
+        else:
+            energy = [captured_energy(d_all[k], rank) for k in keys]
+            agree = [subspace_agreement(d_even[k], d_odd[k], rank) for k in keys]
         out[f"{prefix}energy"], out[f"{prefix}agreement"] = quantiles(energy), quantiles(agree)
         out[f"{prefix}energy_per_transition"], out[f"{prefix}agreement_per_transition"] = energy, agree
         if prefix == "":

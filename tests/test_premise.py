@@ -73,6 +73,14 @@ def test_energy_and_agreement():
     assert premise.top_subspace(S, r).shape == (D, r)
     assert premise.signal_share(S, S, S) == pytest.approx(1.0)
     assert abs(premise.signal_share(S, other - other.T, (S + other - other.T) / 2)) < 0.5
+    profile = premise.split_half_profile(S, S, S, [1, 2, r, D, 2 * D])
+    for k, row in profile.items():
+        assert row["energy"] == pytest.approx(premise.captured_energy(S, k))
+        assert row["heldout"] == pytest.approx(row["energy"]) and row["agreement"] == pytest.approx(1.0)
+    O = other - other.T
+    mixed = premise.split_half_profile((S + O) / 2, S, O, [r])[r]
+    assert 0.0 <= mixed["heldout"] < premise.captured_energy(S, r) and mixed["agreement"] == pytest.approx(
+        premise.subspace_agreement(S, O, r))
     q = premise.quantiles([0.0, 1.0, 2.0, 3.0, 4.0])
     assert (q["median"], q["q25"], q["q75"], q["min"], q["max"]) == (2.0, 1.0, 3.0, 0.0, 4.0)
 
@@ -101,6 +109,8 @@ def test_gradients_on_a_tiny_model_and_identical_halves():
     assert all(0.0 <= e <= 1.0 for e in metrics["energy_per_transition"])
     assert metrics["skew_error"] < 1e-12
     assert metrics["signal_share"]["min"] == pytest.approx(1.0)
+    assert metrics["heldout_energy_per_transition"] == pytest.approx(metrics["energy_per_transition"])
+    assert metrics["by_rank"]["8"]["energy"] == metrics["energy"] and set(metrics["by_rank"]) >= {"2", "32", "128"}
     assert premise.premise_metrics(sums, bases, L, rank=D)["energy"]["min"] == pytest.approx(1.0)
 
 
