@@ -530,8 +530,11 @@ def table(results_path: Path, model: str | None = None) -> list[str]:
 
 
 def plot(results_path: Path, out: Path, model: str | None = None) -> Path:
-    """Energy captured at r and split-half agreement vs N (log x), one line per (model, seed, config),
-    with the single-window floor and the random references; PNG via matplotlib."""
+    """PNG via matplotlib. Left: energy of the mean direction in its top r vs N (median and IQR over the
+    transitions; held-out energy, one window's energy and a random skew matrix for reference). Middle:
+    split-half agreement of the top-r subspaces and the signal share vs N. Right (when the results have
+    the by-rank profile): held-out energy and agreement vs r, one line per N. The first Cayley step's
+    numbers are in the JSON only (equal to the gradient's while every ``a_X = lr``)."""
     try:
         import matplotlib
 
@@ -545,35 +548,52 @@ def plot(results_path: Path, out: Path, model: str | None = None) -> Path:
     series: dict[tuple, list[dict]] = {}
     for r in rows:
         series.setdefault((r["model"], r["seed"], r["config_sha256"][:8]), []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    profiled = [r for r in rows if "by_rank" in r]
+    fig, axes = plt.subplots(1, 3 if profiled else 2, figsize=(15 if profiled else 10, 4.2))
+    r0 = rows[0]
     for (name, seed, digest), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["windows"])
         n = [r["windows"] for r in rs]
-        label = f"{name} seed {seed}"
-        for ax, field_, step_field in ((axes[0], "energy", "step_energy"), (axes[1], "agreement", "step_agreement")):
-            med = [r[field_]["median"] for r in rs]
-            lo = [r[field_]["q25"] for r in rs]
-            hi = [r[field_]["q75"] for r in rs]
-            ax.plot(n, med, "o-", label=f"{label}: mean gradient (median, IQR)")
-            ax.fill_between(n, lo, hi, alpha=0.2)
-            ax.plot(n, [r[step_field]["median"] for r in rs], "s--", alpha=0.7, label=f"{label}: first Cayley step (median)")
+        label = f"{name} seed {seed} ({digest})" if len(series) > 1 else ""
+        for ax, field_, title in ((axes[0], "energy", "energy of the mean direction"),
+                                  (axes[1], "agreement", "split-half agreement")):
+            ax.plot(n, [r[field_]["median"] for r in rs], "o-", label=f"{label} {title} (median, IQR)".strip())
+            ax.fill_between(n, [r[field_]["q25"] for r in rs], [r[field_]["q75"] for r in rs], alpha=0.2)
+        held = [(r["windows"], r["heldout_energy"]["median"]) for r in rs if "heldout_energy" in r]
+        if held:
+            axes[0].plot(*zip(*held), "s--", label=f"{label} held-out energy (median)".strip())
+        share = [(r["windows"], r["signal_share"]["median"]) for r in rs if "signal_share" in r]
+        if share:
+            axes[1].plot(*zip(*share), "^--", label=f"{label} signal share (median)".strip())
         floor = [r["single_energy"]["median"] for r in rs if "single_energy" in r]
         if floor:
-            axes[0].axhline(floor[-1], color="gray", ls=":", label="one window (median)")
-        axes[0].axhline(rs[-1]["random_energy"], color="k", ls="-.", lw=0.8, label="random skew matrix")
-        axes[1].axhline(rs[-1]["random_agreement"], color="k", ls="-.", lw=0.8, label="unrelated subspaces (r/D)")
-    r0 = rows[0]
-    axes[0].set_title(f"energy of the mean ΔT direction in its top {r0['rank']} (of {r0['hidden']})")
-    axes[1].set_title(f"split-half agreement of the top-{r0['rank']} subspaces")
-    for ax in axes:
+            axes[0].axhline(floor[-1], color="gray", ls=":", label="one window's energy (median)")
+    axes[0].axhline(r0["random_energy"], color="k", ls="-.", lw=0.8, label="random skew matrix")
+    axes[1].axhline(r0["random_agreement"], color="k", ls="-.", lw=0.8, label="unrelated subspaces (r/D)")
+    axes[0].set_title(f"ΔT direction: energy in its top {r0['rank']} (of {r0['hidden']})", fontsize=10)
+    axes[1].set_title(f"top-{r0['rank']} subspaces of two halves; signal share", fontsize=10)
+    for ax in axes[:2]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"calibration windows N ({r0['seqlen']} tokens each)")
+    if profiled:
+        ax = axes[2]
+        for i, r in enumerate(sorted(profiled, key=lambda r: r["windows"])):
+            ranks = sorted(int(k) for k in r["by_rank"])
+            color = f"C{i}"
+            ax.plot(ranks, [r["by_rank"][str(k)]["heldout"]["median"] for k in ranks], "o-", color=color,
+                    label=f"N={r['windows']} held-out energy")
+            ax.plot(ranks, [r["by_rank"][str(k)]["agreement"]["median"] for k in ranks], "x--", color=color,
+                    label=f"N={r['windows']} agreement")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rank r")
+        ax.set_title("by rank (medians over transitions)", fontsize=10)
+    for ax in axes:
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
