@@ -369,8 +369,7 @@ def compose(model: str, quant: str, data: str, seed: int, dtype: str) -> DictCon
 def config_of(cfg: DictConfig, seqlen: int, rank: int, text_sha256: str) -> dict:
     """What a result depends on (hashed into its key; never where or how fast it ran)."""
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    for k in ("cache_dir",):
-        model.pop(k, None)
+    model.pop("cache_dir", None)  # where the weights are cached, not which weights
     return {"schema": SCHEMA, "model": model, "quant": OmegaConf.to_container(cfg.quant, resolve=True),
             "method": OmegaConf.to_container(cfg.method, resolve=True), "seed": int(cfg.seed),
             "calib_source": cfg.data.calib_source, "calib_text_sha256": text_sha256, "seqlen": seqlen,
