@@ -87,8 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pipeline.yaml")
     args = parser.parse_args(argv)
     # `--variants a b key=value ...`: argparse hands the overrides after the list to --variants
-    args.overrides = [v for v in args.variants if "=" in v] + args.overrides
-    args.variants = [v for v in args.variants if "=" not in v]
+    def is_override(v: str) -> bool:  # key=value, ~key (delete) or +key=value
+        return "=" in v or v.startswith("~")
+
+    args.overrides = [v for v in args.variants if is_override(v)] + args.overrides
+    args.variants = [v for v in args.variants if not is_override(v)]
 
     def body(a: argparse.Namespace) -> None:
         if any(s < 1 for s in a.seeds):
