@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
-from pipeline.artifacts import load_tensors, save_tensors
-from pipeline.errors import PipelineError
+from pipeline.infra.artifacts import load_tensors, save_tensors
+from pipeline.infra.errors import PipelineError
 
 
 def _stage(tmp_path, script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -152,7 +152,7 @@ def _tiny_per_layer_set(tmp_path, fingerprint_of: str = "tiny_llama") -> None:
     """A per-layer rotation set where the hand-run respinquant stages look for it."""
     from conftest import model_cfg
     from pipeline.methods import MethodSpec, make_rotations
-    from pipeline.models import load_model, model_fingerprint
+    from pipeline.model.load import load_model, model_fingerprint
 
     model, _ = load_model(model_cfg(fingerprint_of))
     method = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", per_layer=True, transition="low_rank")

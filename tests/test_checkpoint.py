@@ -9,12 +9,12 @@ from safetensors import safe_open
 
 from conftest import model_cfg
 from pipeline import load_quantized, load_tokenizer
-from pipeline.artifacts import file_sha256
-from pipeline.checkpoint import CONFIG, FORMAT, INDEX, save_quantized, shard_name
-from pipeline.errors import PipelineError
+from pipeline.infra.artifacts import file_sha256
+from pipeline.export.checkpoint import CONFIG, FORMAT, INDEX, save_quantized, shard_name
+from pipeline.infra.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
-from pipeline.models import load_model, model_fingerprint
-from pipeline.quantizers import QuantSpec
+from pipeline.model.load import load_model, model_fingerprint
+from pipeline.quant.quantizers import QuantSpec
 from test_invariance import _random_per_layer_set
 from test_subspace import LAYERWISE, RESPIN, _subspace
 
@@ -159,7 +159,7 @@ def _rewrite_shard(folder, name: str, edit) -> None:
     consistent (not accidental) change would."""
     from safetensors.torch import save_file
 
-    from pipeline.artifacts import file_sha256, load_tensors
+    from pipeline.infra.artifacts import file_sha256, load_tensors
 
     tensors, meta = load_tensors(folder / name)
     edit(tensors)

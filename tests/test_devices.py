@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline import devices, models
-from pipeline.artifacts import load_tensors
-from pipeline.errors import PipelineError
+from pipeline.infra import devices
+from pipeline.model import load as models
+from pipeline.infra.artifacts import load_tensors
+from pipeline.infra.errors import PipelineError
 from test_bad_inputs import _one_line_error, _stage
 
 NO_CUDA = not torch.cuda.is_available()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
-from pipeline.artifacts import load_tensors
+from pipeline.infra.artifacts import load_tensors
 
 TINY = ["+model=tiny_llama", "method=spinquant", "train.windows=4", "train.seqlen=64", "train.steps=3",
         "train.batch_size=2", "train.checkpoint_every=0", "calib.stats_windows=1"]
@@ -47,7 +47,7 @@ def test_two_ranks_equal_single_process(tmp_path):
     moved = max((single[k] - ddp[k]).abs().max().item() for k in single)
     assert moved < 1e-4, moved
     # and training really moved the rotations away from their Hadamard start
-    from pipeline.hadamard import orthogonal_hadamard
+    from pipeline.rotation.hadamard import orthogonal_hadamard
 
     start = orthogonal_hadamard(192, seed=0, dtype=torch.float32)
     assert (single["R1"] - start).abs().max() > 1e-3

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
-from pipeline import artifacts
-from pipeline.artifacts import save_tensors, write_csv, write_json
-from pipeline.data import eval_windows
-from pipeline.errors import PipelineError
-from pipeline.perplexity import _ppl
-from pipeline.quantizers import QuantSpec
-from pipeline.train import TrainSpec, TrainState, train_rotations
+from pipeline.infra import artifacts
+from pipeline.infra.artifacts import save_tensors, write_csv, write_json
+from pipeline.infra.data import eval_windows
+from pipeline.infra.errors import PipelineError
+from pipeline.eval.perplexity import _ppl
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.train.loop import TrainSpec, TrainState, train_rotations
 from test_bad_inputs import _one_line_error, _stage
 
 
@@ -81,7 +81,7 @@ def _tiny_training():
 
 def test_training_stops_when_an_update_makes_the_rotations_non_finite(monkeypatch):
     """A NaN update is caught before the step counts: nothing is checkpointed."""
-    from pipeline import cayley
+    from pipeline.rotation import cayley
 
     model, rotations, windows = _tiny_training()
     real = cayley.CayleySGD.step
@@ -104,7 +104,7 @@ def test_training_stops_when_an_update_makes_the_rotations_non_finite(monkeypatc
 def test_training_checks_the_loss_after_the_last_step():
     """The last update is checked too: a loss that is NaN after it stops the stage (the set is not
     published); here the last checkpoint callback poisons a weight, as a diverged update would."""
-    from pipeline.adapters import adapter_for
+    from pipeline.model.adapters import adapter_for
 
     model, rotations, windows = _tiny_training()
 
@@ -153,7 +153,7 @@ def test_a_checkpoint_is_only_evaluated_as_what_it_is(tmp_path):
     from dataclasses import replace
 
     from conftest import model_cfg
-    from pipeline.checkpoint import check_made_for, save_quantized
+    from pipeline.export.checkpoint import check_made_for, save_quantized
     from test_checkpoint import QUAROT, W4A4, _prepared
 
     model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
@@ -203,7 +203,7 @@ def test_unsupported_family_is_refused_before_loading(tmp_path):
     from transformers import AutoConfig
 
     from conftest import model_cfg
-    from pipeline.models import load_model
+    from pipeline.model.load import load_model
 
     folder = tmp_path / "gemma2"
     AutoConfig.for_model("gemma2", vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -243,7 +243,7 @@ def test_edited_hf_config_or_tokenizer_of_a_checkpoint_is_refused(tmp_path):
     hashed into the index like the shards: an edit is one line naming the file."""
     import json
 
-    from pipeline.checkpoint import load_quantized, save_quantized
+    from pipeline.export.checkpoint import load_quantized, save_quantized
     from test_checkpoint import QUAROT, W4A4, _prepared
 
     model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
@@ -263,7 +263,7 @@ def test_disk_full_is_one_line():
 
     from safetensors import SafetensorError
 
-    from pipeline.config import _os_failure
+    from pipeline.infra.config import _os_failure
 
     assert _os_failure(OSError(errno.ENOSPC, "No space left on device", "/x/y")) == "No space left on device (/x/y)"
     full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

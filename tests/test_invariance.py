@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
+from pipeline.model.adapters import adapter_for
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.surgery import replace_norms
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.surgery.weights import replace_norms
 
 MODELS = ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_no_hadamard"]
 
@@ -61,7 +61,7 @@ def test_tied_embeddings_untied_after_rotation():
 
 
 def test_sizes_without_hadamard_fall_back_and_say_so(caplog):
-    from pipeline import hadamard
+    from pipeline.rotation import hadamard
 
     hadamard._fallback_rotation.cache_clear()  # the online fallback warns once per process
     model = _f64_model("tiny_no_hadamard")
@@ -74,7 +74,7 @@ def test_sizes_without_hadamard_fall_back_and_say_so(caplog):
 
 def _random_per_layer_set(model, seed: int) -> dict[str, torch.Tensor]:
     """Distinct random orthogonal A_i, B_i (so every transition is far from I) and R2 per layer."""
-    from pipeline.cayley import orthonormalize
+    from pipeline.rotation.cayley import orthonormalize
 
     dims = adapter_for(model).dims(model)
     g = torch.Generator().manual_seed(seed)

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from pipeline import load_quantized
-from pipeline.checkpoint import save_quantized
-from pipeline.errors import PipelineError
-from pipeline.hadamard import online_hadamard
-from pipeline.linear4bit import Linear4bit
-from pipeline.quantizers import QuantSpec, quantize_asym
+from pipeline.export.checkpoint import save_quantized
+from pipeline.infra.errors import PipelineError
+from pipeline.rotation.hadamard import online_hadamard
+from pipeline.export.linear4bit import Linear4bit
+from pipeline.quant.quantizers import QuantSpec, quantize_asym
 from test_checkpoint import QUAROT, _prepared
 
 FP16_EPS = 2.0 ** -10

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
+from pipeline.model.adapters import adapter_for
 from pipeline.methods import make_rotations, prepare_base
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.stream_train import stream_for_training
-from pipeline.streaming import is_materialized, open_model
-from pipeline.train import TrainSpec, TrainState, train_rotations
-from pipeline.trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.train.streamed import stream_for_training
+from pipeline.model.streaming import is_materialized, open_model
+from pipeline.train.loop import TrainSpec, TrainState, train_rotations
+from pipeline.train.trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
 from test_train import A4, LAYERWISE, SPIN
 
 SPEC = TrainSpec(steps=3, lr=1.0, batch_size=2)
@@ -99,7 +99,7 @@ def test_stage_streams_and_gives_the_whole_model_rotations(tmp_path):
     leaves no spill folder."""
     import shutil
 
-    from pipeline.artifacts import load_tensors
+    from pipeline.infra.artifacts import load_tensors
     from test_bad_inputs import _one_line_error, _stage
 
     common = ["+model=tiny_llama", "method=layerwise", "calib.n_windows=2", "calib.seqlen=32",

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
-from pipeline.cayley import orthonormalize
-from pipeline.errors import PipelineError
+from pipeline.model.adapters import adapter_for
+from pipeline.rotation.cayley import orthonormalize
+from pipeline.infra.errors import PipelineError
 from pipeline.methods import MethodSpec, check_subspace, prepare_model
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.surgery import replace_norms
-from pipeline.subspace import ApproxSpec, adaptive_rank, approximate, approximate_set, restore_float64
-from pipeline.transitions import LowRankTransitions
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.surgery.weights import replace_norms
+from pipeline.rotation.subspace import ApproxSpec, adaptive_rank, approximate, approximate_set, restore_float64
+from pipeline.surgery.transitions import LowRankTransitions
 from test_invariance import MODELS, _f64_model, _logits, _max_rel, _random_per_layer_set
 
 D = 48
@@ -162,7 +162,7 @@ def test_paper_variant_function_error_is_measured_float64(tokens, capsys):
 def test_paper_and_chained_subspaces_differ():
     """Beyond the first add the paper's variant approximates the trained transition, the chained one
     the gap left by the chain: different Q, M (and a fuse refuses the other variant's artifact)."""
-    from pipeline.subspace import check_subspace_variant
+    from pipeline.rotation.subspace import check_subspace_variant
 
     model = _f64_model("tiny_llama")
     rotations = _random_per_layer_set(model, seed=7)
@@ -255,7 +255,7 @@ def test_low_rank_method_needs_a_subspace():
 def test_polar_falls_back_when_the_svd_fails(monkeypatch):
     """LAPACK's SVD can fail (or lose accuracy) on repeated singular values; the eigensolver route
     must give the same orthogonal factor."""
-    from pipeline import subspace
+    from pipeline.rotation import subspace
 
     a = torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = subspace.polar(a)
@@ -270,7 +270,7 @@ def test_polar_falls_back_when_the_svd_fails(monkeypatch):
 
 
 def test_singular_pairs_of_a_rotation_delta():
-    from pipeline.subspace import singular_pairs
+    from pipeline.rotation.subspace import singular_pairs
 
     T = _near_identity_rotation(6)
     delta = T - torch.eye(D, dtype=torch.float64)

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
-from pipeline.errors import PipelineError
+from pipeline.model.adapters import adapter_for
+from pipeline.infra.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_base, prepare_model
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.surgery import replace_norms
-from pipeline.train import TrainSpec, TrainState, train_rotations, window_loss
-from pipeline.trainable import TrainableRotations, parametrize_rotations
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.surgery.weights import replace_norms
+from pipeline.train.loop import TrainSpec, TrainState, train_rotations, window_loss
+from pipeline.train.trainable import TrainableRotations, parametrize_rotations
 
 SPIN = MethodSpec(name="spinquant", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True,
                   train=True)

@@ -4,15 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pipeline.trainable as trainable
+import pipeline.train.trainable as trainable
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
-from pipeline.cayley import orthonormalize
-from pipeline.hadamard import orthogonal_hadamard
+from pipeline.model.adapters import adapter_for
+from pipeline.rotation.cayley import orthonormalize
+from pipeline.rotation.hadamard import orthogonal_hadamard
 from pipeline.methods import MethodSpec, apply_rotation_set, make_rotations, prepare_base
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.trainable import TrainableRotations, fold_rotations, parametrize_rotations, transition_delta
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.train.trainable import TrainableRotations, fold_rotations, parametrize_rotations, transition_delta
 from test_invariance import _random_per_layer_set
 
 GLOBAL = MethodSpec(name="spinquant", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True)

@@ -12,17 +12,17 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from .. import devices, paths
-from ..artifacts import load_tensors, write_csv
-from ..config import select_variant
-from ..data import check_seqlen, wikitext2_windows
-from ..errors import PipelineError
-from ..fused_ppl import fused_perplexity, should_stream
+from ..infra import devices, paths
+from ..infra.artifacts import load_tensors, write_csv
+from ..infra.config import select_variant
+from ..infra.data import check_seqlen, wikitext2_windows
+from ..infra.errors import PipelineError
+from ..fuse.fused_ppl import fused_perplexity, should_stream
 from ..methods import MethodSpec, check_rotations, quant_spec
-from ..models import max_positions, model_fingerprint
-from ..streaming import open_model
-from ..subspace import ApproxSpec, approximate_rotations, summarize
-from ..tracking import stage_run
+from ..model.load import max_positions, model_fingerprint
+from ..model.streaming import open_model
+from ..rotation.subspace import ApproxSpec, approximate_rotations, summarize
+from ..infra.tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, zero-shot, activation statistics, seed statistics and results tables."""
