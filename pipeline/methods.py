@@ -16,17 +16,18 @@ from torch import nn
 
 from .model.adapters import DecoderAdapter, adapter_for, get_linear, set_module
 from .infra.artifacts import tensor_shape
-from .rotation.cayley import orthonormalize
 from .infra.errors import PipelineError
 from .rotation.hadamard import orthogonal_hadamard
+from .rotation.subspace import transition_chain
 from .surgery.online import OnlineAttention, QuantLinear, use_online_attention
 from .quant.quantizers import OFF_BITS, ActQuantizer, QuantSpec
 from .surgery.bases import FusionBases
-from .surgery.plan import embedding_steps, head_steps, layer_steps, transform_tensor, transition_chain
+from .surgery.plan import embedding_steps, head_steps, layer_steps, transform_tensor
 from .surgery.weights import (F64_CHUNK_ELEMENTS, fold_final_norm, fold_layer_norms, fuse_r4, head_cols, in_float64, reader,
                       replace_final_norm, replace_layer_norms, untie_embeddings)
 from .surgery.transitions import DenseTransitions, LowRankTransitions, attach_transition_module
 from .quant.codes import dequantize, rtn
+from .quant.gptq import gptq_model
 
 ROTATION_KINDS = ("none", "hadamard", "random_hadamard")
 TRANSITIONS = ("dense", "low_rank")
@@ -295,7 +296,6 @@ def quantize_weights(model: nn.Module, adapter: DecoderAdapter, quant: QuantSpec
     if quant.weight_method == "gptq":
         if calib is None:
             raise PipelineError("quant.weight_method=gptq needs calibration windows (run the calibrate stage)")
-        from .quant.gptq import gptq_model
 
         gptq_model(model, adapter, calib, quant)
     else:

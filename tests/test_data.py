@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from pipeline.infra.data import (calibration_text, corpus_text, eval_corpus_windows, eval_windows, sample_windows,
+from pipeline.eval.data import (calibration_text, corpus_text, eval_corpus_windows, eval_windows, sample_windows,
                            tokenize, wikitext2_test_text)
 from pipeline.infra.errors import PipelineError
 

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.infra import artifacts
 from pipeline.infra.artifacts import save_tensors, write_csv, write_json
-from pipeline.infra.data import eval_windows
+from pipeline.eval.data import eval_windows
 from pipeline.infra.errors import PipelineError
 from pipeline.eval.perplexity import _ppl
 from pipeline.quant.quantizers import QuantSpec

@@ -142,7 +142,7 @@ def test_cells_skip_resume_and_deadline(tmp_path):
 
 def test_window_sample_is_nested():
     """The running sums rely on it: the first N of a larger seeded sample are the N-window sample."""
-    from pipeline.infra.data import sample_windows
+    from pipeline.eval.data import sample_windows
 
     ids = torch.arange(5000)
     assert torch.equal(sample_windows(ids, 64, 32, 3)[:16], sample_windows(ids, 16, 32, 3))

@@ -1,1 +1,1 @@
-"""Evaluation: perplexity, zero-shot, activation statistics, seed statistics and results tables."""
+"""Evaluation: the corpora (calibration and test windows), perplexity, zero-shot, activation statistics, seed statistics and results tables."""

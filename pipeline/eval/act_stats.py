@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..model.adapters import adapter_for
+from ..model.streaming import layer_inputs, run_layer
 from ..surgery.online import QuantLinear
 from ..rotation.hadamard import online_hadamard
 
@@ -101,8 +102,6 @@ def activation_stats_streamed(model: nn.Module, layers, windows: torch.Tensor) -
     ``model`` (``streaming.SourceLayers`` or ``checkpoint.CheckpointReader``); every window's hidden
     states pass layer i with its linear inputs watched, then layer i is freed. Same rows as the
     whole-model pass; memory is one layer plus the windows' hidden states."""
-    from ..quant.gptq import layer_inputs, run_layer
-
     adapter = adapter_for(model)
     stats = ActivationStats()
     decoder = adapter.layers(model)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..infra.artifacts import atomic_path, write_csv
-from ..infra.errors import PipelineError
+from ..infra.errors import PipelineError, cli_errors_as_one_line
 from .results import SeedResult, check_one_config, check_paired
 from .seed_stats import mean_std, paired_ratio
 
@@ -117,7 +117,6 @@ def matrix_markdown(rows: list[dict], level: float = 0.95) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..tools.sweep import cli_errors_as_one_line
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(RESULTS_DIR), help="pipeline.tools.cells' results folder")

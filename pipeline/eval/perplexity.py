@@ -15,6 +15,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..infra.errors import PipelineError
+from ..model.adapters import adapter_for
+from ..model.streaming import layer_inputs, run_layer
 
 
 def _ppl(mean_nll: float) -> float:
@@ -66,9 +68,6 @@ def perplexity_streamed(model: nn.Module, reader, windows: torch.Tensor, desc: s
 
     Memory: one decoder layer plus the hidden states of every window, ``(n, seqlen, D)``.
     """
-    from ..model.adapters import adapter_for
-    from ..quant.gptq import layer_inputs, run_layer
-
     model.eval()
     adapter = adapter_for(model)
     layers = adapter.layers(model)

@@ -19,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import nn
 
-from ..infra.data import data_dir
+from .data import data_dir
 from ..infra.errors import PipelineError
 
 log = logging.getLogger(__name__)

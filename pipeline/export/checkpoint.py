@@ -43,6 +43,7 @@ from ..quant.quantizers import QuantSpec
 from ..surgery.weights import replace_norms, untie_embeddings
 from ..surgery.transitions import DenseTransitions, LowRankTransitions, attach_transition_module
 from ..quant.codes import dequantize, expand, pack, unpack
+from .linear4bit import use_kernels
 
 INDEX = "model.safetensors.index.json"
 CONFIG = "rsq_config.json"
@@ -426,7 +427,6 @@ def load_quantized(folder: str | Path, backend: str = "fake", device: torch.devi
         if (quant.w_bits, quant.a_bits) != (4, 4) or quant.w_group_size:
             raise PipelineError(f"backend=kernel runs W4A4 with per-channel weight scales; {folder} is "
                                 f"W{quant.w_bits}A{quant.a_bits} (group size {quant.w_group_size})")
-        from .linear4bit import use_kernels
 
         use_kernels(model)
     model.eval()

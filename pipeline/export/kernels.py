@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..infra.errors import PipelineError
+from ..rotation.hadamard import _base, _require_split
 
 CPU_SOURCES = [Path(__file__).resolve().parents[2] / "cuda_ext" / "cpu" / "w4a4_cpu.cpp"]
 ALIGN = 32
@@ -133,7 +134,5 @@ def reference_transition(h: torch.Tensor, Q: torch.Tensor, M: torch.Tensor) -> t
 def hadamard_base(n: int) -> torch.Tensor:
     """The ``(m, m)`` float32 base factor of ``H_n = kron(base, Sylvester(n / m))`` (``m = 1`` for a
     power of two); raises NoHadamardConstruction when n has none."""
-    from ..rotation.hadamard import _base, _require_split
-
     m, _ = _require_split(n)
     return _base(m).to(torch.float32).contiguous()

@@ -13,6 +13,7 @@ from torch import nn
 from ..infra.errors import PipelineError
 from ..rotation.hadamard import has_hadamard
 from .kernels import check_k, cpu_ops, hadamard_base
+from ..surgery.online import QuantLinear
 
 
 class Linear4bit(nn.Module):
@@ -89,8 +90,6 @@ class Linear4bit(nn.Module):
 
 def use_kernels(model: nn.Module) -> int:
     """Replace every 4-bit ``QuantLinear`` of ``model`` by a ``Linear4bit`` in place; returns how many."""
-    from ..surgery.online import QuantLinear
-
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name, module in targets:
         parent, _, child = name.rpartition(".")

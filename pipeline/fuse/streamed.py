@@ -27,13 +27,13 @@ from ..infra.artifacts import atomic_dir, scratch_dir
 from ..export.checkpoint import CheckpointWriter, checkpoint_config, layer_state, online_ops, rest_state
 from ..infra.errors import PipelineError
 from ..surgery.bases import FusionBases
-from ..quant.gptq import gptq_layer, layer_inputs, run_layer
+from ..quant.gptq import gptq_layer
 from ..methods import (MethodSpec, check_fuse_inputs, empty_transitions, fuse_steps,
                       prepare_layer_base, prepare_output_base, quantize_layer_rtn)
 from ..surgery.online import use_online_attention
 from ..quant.quantizers import OFF_BITS, QuantSpec
 from ..surgery.plan import embedding_steps, head_steps, layer_steps
-from ..model.streaming import Parked, SourceLayers, WeightSource
+from ..model.streaming import Parked, SourceLayers, WeightSource, layer_inputs, run_layer
 from ..surgery.weights import untie_embeddings
 from ..surgery.transitions import attach_layer_transitions
 

@@ -1,1 +1,1 @@
-"""Plumbing: errors, config, devices, paths, artifacts, tracking, data (imports nothing else of pipeline)."""
+"""Plumbing: errors, config, devices, paths, artifacts, tracking (imports nothing else of pipeline)."""

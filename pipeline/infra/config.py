@@ -21,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import PipelineError, check_int
+from . import devices
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -100,8 +101,6 @@ def check_common(cfg: DictConfig) -> None:
 def resolve_auto_dtype(cfg: DictConfig) -> None:
     """``model.dtype=auto`` -> the concrete dtype for the run's ``device`` (``devices.auto_dtype``), in
     place, so the stage, its artifacts and MLflow's params all name the dtype that was used."""
-    from . import devices
-
     if str(cfg.model.get("dtype")) == "auto":
         dtype = devices.resolve_dtype("auto", device=devices.resolve_device(cfg.get("device")))
         with open_dict(cfg):

@@ -21,6 +21,8 @@ from torch import nn
 
 from ..infra.artifacts import SafetensorsFile, save_tensors
 from ..infra.errors import PipelineError
+from .adapters import check_config, adapter_for
+from .load import build_random_model, converted_gguf_folder, hf_folder, read_hf_config
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -162,8 +164,6 @@ class SourceLayers:
     offers, so layer-sequential passes (perplexity, activation statistics) take either."""
 
     def __init__(self, model: nn.Module, source: WeightSource, device: torch.device) -> None:
-        from .adapters import adapter_for
-
         self.model, self.source, self.device = model, source, torch.device(device)
         self.adapter = adapter_for(model)
         self.dtype = self.adapter.embedding(model).weight.dtype
@@ -214,9 +214,6 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
     """
     from transformers import AutoTokenizer
 
-    from .adapters import check_config
-    from .load import build_random_model, converted_gguf_folder, hf_folder, read_hf_config
-
     source = model_cfg.get("source", "hf")
     if model_cfg.get("path"):
         folder = hf_folder(str(model_cfg["path"]))
@@ -250,3 +247,41 @@ class Parked:
     def restore(self) -> None:
         materialize(self.module, "", SafetensorsSource(self.folder), self.dtype, self.device)
         (self.folder / SINGLE).unlink()
+
+
+class _Stop(Exception):
+    pass
+
+
+def layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Each window's hidden states entering ``first`` ((1, T, D) each, on the model's device) and the
+    layer's keyword args (rotary cos/sin, mask, positions: the same for every layer and window of one
+    length). The forward stops at ``first``, so later layers may still be unloaded (meta)."""
+    inputs: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def catch(module, args, kw):
+        inputs.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    device = next(model.get_input_embeddings().parameters()).device
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for row in windows:
+            try:
+                model(row[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """``layer`` on each cached input (one window per call): the inputs of the next layer."""
+    outs = []
+    for h in inputs:
+        out = layer(h, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs

@@ -13,7 +13,35 @@ from __future__ import annotations
 import torch
 
 from ..infra.errors import PipelineError
-from .quantizers import sym_scale_mse
+
+
+def sym_scale_mse(
+    w: torch.Tensor, bits: int, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
+) -> torch.Tensor:
+    """Per-row symmetric scale with MSE clip search (QuaRot/GPTQ protocol).
+
+    Tries clip ratios ``1, 1 - max_shrink/grid, ...`` down to ``1 - max_shrink`` and keeps, per row,
+    the one minimising ``sum |w - q(w)|**norm``.
+
+    Args:
+        w: ``(out, in)`` weight.
+    Returns:
+        ``(out, 1)`` scale such that ``q = clamp(round(w / scale), -2**(bits-1), 2**(bits-1) - 1)``.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    wd = w.detach()
+    absmax = wd.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
+    best_err = torch.full_like(absmax, float("inf"))
+    best_scale = absmax / qmax
+    for i in range(int(max_shrink * grid) + 1):
+        ratio = 1.0 - i / grid
+        scale = absmax * ratio / qmax
+        q = torch.clamp(torch.round(wd / scale), -qmax - 1, qmax) * scale
+        err = (q - wd).abs().pow(norm).sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale
 
 
 def group_of(in_features: int, group_size: int) -> int:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model.adapters import DecoderAdapter, get_linear
+from ..model.streaming import layer_inputs, run_layer
 from .quantizers import QuantSpec
 from .codes import dequantize, expand, quantize_codes, weight_scale
 
@@ -71,44 +72,6 @@ def gptq(
             err1[:, i : i + 1] = err
         W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
     return (codes if perm is None else codes[:, torch.argsort(perm)]), scale
-
-
-class _Stop(Exception):
-    pass
-
-
-def layer_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
-    """Each window's hidden states entering ``first`` ((1, T, D) each, on the model's device) and the
-    layer's keyword args (rotary cos/sin, mask, positions: the same for every layer and window of one
-    length). The forward stops at ``first``, so later layers may still be unloaded (meta)."""
-    inputs: list[torch.Tensor] = []
-    kwargs: dict = {}
-
-    def catch(module, args, kw):
-        inputs.append(args[0] if args else kw.pop("hidden_states"))
-        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
-
-    device = next(model.get_input_embeddings().parameters()).device
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for row in windows:
-            try:
-                model(row[None].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return inputs, kwargs
-
-
-def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """``layer`` on each cached input (one window per call): the inputs of the next layer."""
-    outs = []
-    for h in inputs:
-        out = layer(h, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
 
 
 @torch.no_grad()

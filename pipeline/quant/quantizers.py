@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .codes import dequantize, rtn
+
 OFF_BITS = 16  # a bit-width of 16 means "not quantized"
 WEIGHT_METHODS = ("rtn", "gptq")
 
@@ -46,43 +48,12 @@ def quantize_asym(x: torch.Tensor, bits: int, clip_ratio: float = 1.0) -> torch.
     return _ste(x, deq)
 
 
-def sym_scale_mse(
-    w: torch.Tensor, bits: int, grid: int = 100, max_shrink: float = 0.8, norm: float = 2.4
-) -> torch.Tensor:
-    """Per-row symmetric scale with MSE clip search (QuaRot/GPTQ protocol).
-
-    Tries clip ratios ``1, 1 - max_shrink/grid, ...`` down to ``1 - max_shrink`` and keeps, per row,
-    the one minimising ``sum |w - q(w)|**norm``.
-
-    Args:
-        w: ``(out, in)`` weight.
-    Returns:
-        ``(out, 1)`` scale such that ``q = clamp(round(w / scale), -2**(bits-1), 2**(bits-1) - 1)``.
-    """
-    qmax = 2 ** (bits - 1) - 1
-    wd = w.detach()
-    absmax = wd.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
-    best_err = torch.full_like(absmax, float("inf"))
-    best_scale = absmax / qmax
-    for i in range(int(max_shrink * grid) + 1):
-        ratio = 1.0 - i / grid
-        scale = absmax * ratio / qmax
-        q = torch.clamp(torch.round(wd / scale), -qmax - 1, qmax) * scale
-        err = (q - wd).abs().pow(norm).sum(dim=1, keepdim=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-    return best_scale
-
-
 def quantize_weight_rtn(w: torch.Tensor, bits: int, mse_clip: bool = True, group_size: int = 0) -> torch.Tensor:
     """Symmetric round-to-nearest fake quant of a ``(out, in)`` weight, per output channel (or per
-    group of ``group_size`` inputs), with STE: the same grid as ``weight_quant.rtn``, which makes the
+    group of ``group_size`` inputs), with STE: the same grid as ``codes.rtn``, which makes the
     integer codes of a fused model."""
     if bits >= OFF_BITS:
         return w
-    from .codes import dequantize, rtn  # weight_quant builds on sym_scale_mse above
-
     codes, scale = rtn(w, bits, mse_clip, group_size)
     return _ste(w, dequantize(codes, scale, w.dtype))
 

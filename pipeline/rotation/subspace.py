@@ -29,10 +29,21 @@ from typing import Mapping
 import torch
 
 from ..infra.errors import PipelineError
-from ..surgery.plan import transition_chain
+from ..infra.artifacts import tensor_digest_of
+from .cayley import orthonormalize
 
 RANK_MODES = ("adaptive", "full")
 SUBSPACE_CHAINED = "chained"  # subspace artifact metadata: "true" (chained variant) or "false" (the paper's)
+
+
+def transition_chain(n_layers: int) -> list[tuple[str, str, str]]:
+    """Every residual add in stream order as ``(key, basis before, basis after)``:
+    ``("attn.0", "A.0", "B.0"), ("ffn.0", "B.0", "A.1"), ...``; the transition is ``before.T @ after``."""
+    chain = []
+    for i in range(n_layers):
+        chain.append((f"attn.{i}", f"A.{i}", f"B.{i}"))
+        chain.append((f"ffn.{i}", f"B.{i}", f"A.{i + 1}"))
+    return chain
 
 
 @dataclass(frozen=True)
@@ -195,8 +206,6 @@ def check_subspace_variant(meta: Mapping[str, str], chained: bool, path) -> None
 
 def rotation_digest(rotations: dict[str, torch.Tensor]) -> str:
     """Names the exact per-layer rotation set a subspace was made from (fuse refuses a mismatch)."""
-    from ..infra.artifacts import tensor_digest_of
-
     return tensor_digest_of(rotations[k] for k in sorted(rotations))
 
 
@@ -241,8 +250,6 @@ class _Orthonormalized(Mapping):
         self._keys = [k for k in rotations.keys() if not k.startswith("R2.")]
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from .cayley import orthonormalize
-
         if key not in self._keys:
             raise KeyError(key)
         return orthonormalize(self.rotations[key].to(self.device, torch.float64))

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from ..infra import devices, paths
 from ..eval.act_stats import activation_stats_streamed, summarize_stats
 from ..infra.artifacts import save_tensors, write_csv, write_json
-from ..infra.data import calibration_text, check_seqlen, sample_windows, text_digest, tokenize
+from ..eval.data import calibration_text, check_seqlen, sample_windows, text_digest, tokenize
 from ..infra.errors import PipelineError
 from ..model.load import max_positions, model_fingerprint
 from ..model.streaming import SourceLayers, open_model

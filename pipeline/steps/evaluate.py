@@ -18,7 +18,7 @@ from ..infra import paths
 from ..infra.artifacts import write_json
 from ..export.checkpoint import check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
 from ..infra.config import select_variant
-from ..infra.data import check_seqlen, corpus_text, eval_corpus_windows
+from ..eval.data import check_seqlen, corpus_text, eval_corpus_windows
 from ..infra.devices import choose_stream, resolve_device
 from ..infra.errors import PipelineError
 from ..methods import MethodSpec, quant_spec

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from ..infra import devices, paths
 from ..infra.artifacts import load_tensors, write_csv
 from ..infra.config import select_variant
-from ..infra.data import check_seqlen, wikitext2_windows
+from ..eval.data import check_seqlen, wikitext2_windows
 from ..infra.errors import PipelineError
 from ..fuse.fused_ppl import fused_perplexity, should_stream
 from ..methods import MethodSpec, check_rotations, quant_spec

@@ -91,22 +91,3 @@ def transform_tensor(t: torch.Tensor, transforms: list[tuple[Transform, str]],
         if R is not None:
             t = fn(t, R.to(device=t.device, dtype=t.dtype))
     return t
-
-
-def transition_chain(n_layers: int) -> list[tuple[str, str, str]]:
-    """Every residual add in stream order as ``(key, basis before, basis after)``:
-    ``("attn.0", "A.0", "B.0"), ("ffn.0", "B.0", "A.1"), ...``; the transition is ``before.T @ after``."""
-    chain = []
-    for i in range(n_layers):
-        chain.append((f"attn.{i}", f"A.{i}", f"B.{i}"))
-        chain.append((f"ffn.{i}", f"B.{i}", f"A.{i + 1}"))
-    return chain
-
-
-def transition_deltas(rotations: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """``T - I`` of every residual add of a per-layer set: keys ``attn.<i>`` and ``ffn.<i>``, (D, D)."""
-    out = {}
-    for key, before, after in transition_chain(n_layers):
-        A, B = rotations[before], rotations[after]
-        out[key] = A.T @ B - torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    return out

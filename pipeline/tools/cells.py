@@ -39,9 +39,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..infra.artifacts import write_json
 from ..infra.config import CONF_DIR, REPO_ROOT, compose_pipeline, select_variant
-from ..infra.errors import PipelineError
+from ..infra.errors import PipelineError, cli_errors_as_one_line
 from .seed_runs import stage_plan
-from .sweep import cli_errors_as_one_line
 
 MATRIX_FILE = CONF_DIR / "matrix.yaml"
 RESULTS_DIR = Path("metrics") / "cells"

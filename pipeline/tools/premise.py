@@ -48,10 +48,10 @@ from torch import nn
 
 from ..infra.artifacts import load_tensors, save_tensors, write_json
 from ..infra.config import REPO_ROOT
-from ..infra.errors import PipelineError
+from ..infra.errors import PipelineError, cli_errors_as_one_line
 from ..methods import MethodSpec, make_rotations, prepare_base, quant_spec
 from ..quant.quantizers import QuantSpec
-from ..surgery.plan import transition_chain
+from ..rotation.subspace import transition_chain
 from ..train.loop import window_loss
 from ..train.trainable import TrainableRotations, parametrize_rotations
 
@@ -390,7 +390,7 @@ def run_cells(plan: Plan, cfg: DictConfig, load: Callable[[], tuple[nn.Module, o
     ``load()`` gives ``(model, tokenizer)``, called once, at the first cell not yet in ``plan.out``.
     """
     from .cells import git_commit, host_cpu
-    from ..infra.data import calibration_text, sample_windows, text_digest, tokenize
+    from ..eval.data import calibration_text, sample_windows, text_digest, tokenize
 
     begin = clock()
     text = calibration_text(cfg.data)
@@ -528,7 +528,6 @@ def plot(results_path: Path, out: Path, model: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .sweep import cli_errors_as_one_line
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, nargs="+", default=[4, 16, 64, 256], help="window counts N, one cell each")
@@ -574,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
         counts = check_windows(a.windows)
         read_results(out)  # a broken results file is refused before any work
         cfg = compose(a.model, a.quant, a.data, a.seed, a.dtype)
-        from ..infra.data import check_seqlen
+        from ..eval.data import check_seqlen
         from ..infra.devices import resolve_device
         from ..model.load import load_model, max_positions
 

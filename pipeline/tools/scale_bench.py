@@ -28,6 +28,8 @@ import torch
 from ..infra.config import REPO_ROOT
 from ..infra.errors import PipelineError
 from .train_profile import SHAPES as PROFILE_SHAPES
+from ..model.load import byte_tokenizer, cache_dir
+from ..model.streaming import INDEX, empty_model
 
 SHAPES = {
     "llama3_8b": PROFILE_SHAPES["llama3_8b"],
@@ -48,9 +50,6 @@ def write_random_checkpoint(shape: str, folder: Path, dtype: torch.dtype = torch
     layer at a time (memory: one layer); kept if it is there already."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
-
-    from ..model.load import byte_tokenizer
-    from ..model.streaming import INDEX, empty_model
 
     if (folder / INDEX).is_file():
         return folder
@@ -145,7 +144,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="JSON list of rows to append to")
     parser.add_argument("--write-only", action="store_true", help="only write the random checkpoint")
     args = parser.parse_args(argv)
-    from ..model.load import cache_dir
 
     root = cache_dir({})
     folder = root / "random" / f"{args.shape}-seed0"

@@ -22,8 +22,7 @@ import yaml
 from omegaconf import OmegaConf, open_dict
 
 from ..infra.config import REPO_ROOT, compose_pipeline, select_variant
-from ..infra.errors import PipelineError
-from .sweep import cli_errors_as_one_line
+from ..infra.errors import PipelineError, cli_errors_as_one_line
 
 SEED_DIR = Path("runs") / "seeds"
 DEFAULT_VARIANTS = ("spinquant", "layerwise", "respinquant", "respinquant_chained")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import csv
 import resource
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 from ..infra.artifacts import load_tensors
 from ..infra import devices, paths
 from ..infra.config import CONF_DIR, compose_pipeline
-from ..infra.data import wikitext2_windows
-from ..infra.errors import PipelineError
+from ..eval.data import wikitext2_windows
+from ..infra.errors import PipelineError, cli_errors_as_one_line
 from ..fuse.fused_ppl import fused_perplexity, should_stream
 from ..methods import MethodSpec, quant_spec
 from ..model.load import model_fingerprint
@@ -69,15 +68,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/pipeline.yaml")
     args = parser.parse_args(argv)
     cli_errors_as_one_line(run, args)
-
-
-def cli_errors_as_one_line(fn, *args) -> None:
-    """Run a CLI body; a PipelineError ends it with one ``error:`` line and exit status 2."""
-    try:
-        fn(*args)
-    except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_sets(specs: list[str]) -> dict[str, str]:

@@ -18,10 +18,11 @@ import torch
 from ..infra import devices
 from ..infra.artifacts import load_tensors
 from ..infra.config import compose_pipeline
-from ..infra.data import wikitext2_windows
+from ..infra.errors import cli_errors_as_one_line
+from ..eval.data import wikitext2_windows
 from ..methods import MethodSpec, prepare_model, quant_spec
 from ..model.load import load_model, model_fingerprint
-from .sweep import cli_errors_as_one_line, subspaces
+from .sweep import subspaces
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Datasets for the ``rsq_*`` lm-eval tasks: local files as the rows of the HF dataset lm-eval reads.
 
 lm-eval calls a task's ``custom_dataset(**metadata, **dataset_kwargs)``; ``pipeline.eval.zeroshot`` puts the
-data dir (``pipeline.infra.data.data_dir``) into the TaskManager's metadata as ``data_dir`` (None: HF hub).
+data dir (``pipeline.eval.data.data_dir``) into the TaskManager's metadata as ``data_dir`` (None: HF hub).
 Each loader returns ``DatasetDict({split: Dataset})`` whose columns are those of the standard task's
 HF dataset (``allenai/ai2_arc``, ``baber/piqa``, ...), so the YAMLs keep lm-eval's standard
 ``doc_to_*`` templates unchanged. Only WinoGrande differs: the local copy is llm-foundry's converted

@@ -28,15 +28,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .check import BUILD_LOG, Part
+from .harness import BUILD_LOG, Part
+from ...export.kernels import cpu_ops, cuda_ops, hadamard_base, reference_transition
 
 SEED_BYTES = 4
 
 
 def ops_pair(ctx):
     """``(ops under test, CPU reference ops)``."""
-    from ...export.kernels import cpu_ops, cuda_ops
-
     return (cuda_ops() if ctx.device.type == "cuda" else cpu_ops()), cpu_ops()
 
 
@@ -110,7 +109,6 @@ def exact_check(ctx, name: str, fn: Callable[[], object], ref: list[torch.Tensor
 def correctness(ctx) -> None:
     ops, cpu = ctx.cache.get("ops") or ops_pair(ctx)
     dev, tiny, cuda = ctx.device, ctx.tiny, ctx.device.type == "cuda"
-    from ...export.kernels import hadamard_base, reference_transition
 
     def gen() -> tuple[torch.Generator, int]:
         seed = int.from_bytes(os.urandom(SEED_BYTES), "little")
@@ -258,7 +256,6 @@ def time_cpu(step: Callable[[int], object], repeats: int) -> tuple[float, str]:
 
 def timing(ctx) -> None:
     ops, _ = ctx.cache.get("ops") or ops_pair(ctx)
-    from ...export.kernels import hadamard_base
 
     dev, cuda = ctx.device, ctx.device.type == "cuda"
     shapes = {"qkv": (256, 384), "down": (512, 256)} if ctx.tiny else LLAMA3_8B_LINEARS

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ...infra.config import REPO_ROOT
-from ...infra.data import ENWIKI_FILE, WIKITEXT_TEST_FILE, data_dir
+from ...eval.data import ENWIKI_FILE, WIKITEXT_TEST_FILE, data_dir
 from ...infra.errors import PipelineError
 
 WHEELS = ("omegaconf", "antlr4-python3-runtime")

@@ -30,12 +30,18 @@ from dataclasses import replace
 
 import torch
 
-from .check import PAPER_MINUTES_H100, Part
+from .harness import PAPER_MINUTES_H100, Part
 from .stages import MICRO_SHAPE
 from ...methods import MethodSpec, per_layer_bases, transition_keys
 from ...quant.quantizers import QuantSpec
 from ...rotation.subspace import ApproxSpec, approximate_rotations
-from ..train_profile import SHAPES
+from ..train_profile import SHAPES, profile
+from ...rotation.hadamard import orthogonal_hadamard
+from ...model.load import build_random_model, model_fingerprint
+from ...fuse.streamed import fuse_streamed
+from ...model.streaming import StateDictSource, empty_model
+from ...export.checkpoint import open_quantized
+from ...eval.perplexity import perplexity_streamed
 
 METHOD = MethodSpec(name="respinquant", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True,
                     per_layer=True, train=True, seed=0, transition="low_rank")
@@ -80,8 +86,6 @@ def _release(ctx) -> None:
 
 
 def train(ctx, mode: str) -> None:
-    from ..train_profile import profile
-
     name, config = shape_of(ctx)
     s = sizes(ctx)
     _release(ctx)
@@ -110,8 +114,6 @@ def random_layerwise_set(hidden: int, head_dim: int, n_layers: int, device: torc
     """Per-layer bases ``A.0..A.L``, ``B.0..B.<L-1>`` (D, D): a random Hadamard R1 times a random
     rotation near the identity each (so every transition is a real one), and ``R2.<i>``; float32 on the
     CPU, as a trained set is stored."""
-    from ...rotation.hadamard import orthogonal_hadamard
-
     gen = torch.Generator(device=device).manual_seed(0)
     R1 = orthogonal_hadamard(hidden, seed=0).to(device)
     bases = {}
@@ -146,10 +148,6 @@ def approximate(ctx) -> None:
 
 
 def fuse(ctx) -> None:
-    from ...model.load import build_random_model, model_fingerprint
-    from ...fuse.streamed import fuse_streamed
-    from ...model.streaming import StateDictSource, empty_model
-
     _, config = shape_of(ctx)
     s = sizes(ctx)
     n = s["layers"]
@@ -197,9 +195,6 @@ def fuse(ctx) -> None:
 
 
 def evaluate(ctx) -> None:
-    from ...export.checkpoint import open_quantized
-    from ...eval.perplexity import perplexity_streamed
-
     folder = ctx.cache.get("fused_folder")
     if folder is None:
         raise RuntimeError("no checkpoint: the scale_fuse_gptq part did not finish")

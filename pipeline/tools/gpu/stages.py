@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ...eval.act_stats import activation_stats_streamed
-from ...export.checkpoint import INDEX, load_quantized
-from ...infra.data import calibration_text, eval_windows, sample_windows, tokenize, wikitext2_test_text
+from ...export.checkpoint import INDEX, load_quantized, open_quantized
+from ...eval.data import calibration_text, eval_windows, sample_windows, tokenize, wikitext2_test_text
 from ...methods import MethodSpec, make_rotations, per_layer_bases, prepare_base
 from ...model.load import load_model, model_fingerprint
 from ...eval.perplexity import perplexity, perplexity_streamed
@@ -235,7 +235,6 @@ def run(ctx) -> None:
         ppl_ref = perplexity(load_quantized(ref_dir, device=cpu), evalw, desc="ppl cpu")["ppl"]
         ppl_dev = perplexity(load_quantized(ref_dir, device=dev), evalw.to(dev), desc=f"ppl {dev.type}")["ppl"]
         ppl_made = perplexity(load_quantized(got_dir, device=cpu), evalw, desc="ppl cpu")["ppl"]
-        from ...export.checkpoint import open_quantized
 
         model_s, reader = open_quantized(ref_dir, dev)
         ppl_stream = perplexity_streamed(model_s, reader, evalw, desc=f"ppl {dev.type}")["ppl"]

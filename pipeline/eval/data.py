@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from .errors import PipelineError
+from ..infra.errors import PipelineError
 
 WIKITEXT_TEST_FILE = "wikitext-2-raw-test-noblank/wiki.test.raw"
 WIKITEXT_TRAIN_FILE = "wikitext-2-raw-train/wiki.train.raw"
