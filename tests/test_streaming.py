@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import model_cfg
+from conftest import ROOT, SHARED_DATA, model_cfg
 from pipeline import load_quantized
 from pipeline.eval.act_stats import activation_stats
 from pipeline.model.adapters import adapter_for
@@ -21,16 +21,14 @@ from pipeline.eval.perplexity import perplexity, perplexity_streamed
 from pipeline.quant.quantizers import QuantSpec
 from pipeline.fuse.streamed import fuse_streamed
 from pipeline.model.streaming import SafetensorsSource, StateDictSource, empty_model, is_materialized, open_model
-from test_checkpoint import QUAROT
-from test_invariance import _random_per_layer_set
-from test_subspace import LAYERWISE, RESPIN, _subspace
+from helpers import LAYERWISE, QUAROT, RESPIN, low_rank_subspace, one_line_error, random_per_layer_set, run_stage
 
 CALIB = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
 
 
 def _rotations(name: str, method: MethodSpec, model):
     if method.per_layer:
-        return _random_per_layer_set(load_model(model_cfg(name))[0].double(), seed=3)
+        return random_per_layer_set(load_model(model_cfg(name))[0].double(), seed=3)
     return make_rotations(method, model)
 
 
@@ -39,7 +37,7 @@ def _whole_and_streamed(tmp_path, name, method, rank, quant, source_of=None):
     model, tok = load_model(model_cfg(name))
     fingerprint = model_fingerprint(model)
     rotations = _rotations(name, method, model)
-    sub = _subspace(model, rotations, rank) if rank is not None else None
+    sub = low_rank_subspace(model, rotations, rank) if rank is not None else None
     original = load_model(model_cfg(name))[0]
     prepare_model(model, method, rotations, quant, sub, CALIB)
     rows = activation_stats(model, CALIB[:2])
@@ -105,8 +103,8 @@ def test_at_most_two_layers_materialised(tmp_path):
 
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method="gptq")
     fuse_streamed(tmp_path / "ckpt", skeleton, tok, StateDictSource(original.state_dict()), RESPIN,
-                  _random_per_layer_set(original.double(), seed=1), quant, fingerprint,
-                  _subspace(original, _random_per_layer_set(original, seed=1), 4), CALIB, CALIB[:1], on_layer=probe)
+                  random_per_layer_set(original.double(), seed=1), quant, fingerprint,
+                  low_rank_subspace(original, random_per_layer_set(original, seed=1), 4), CALIB, CALIB[:1], on_layer=probe)
     assert len(counts) == 5 and max(counts) <= 2
     assert not any(is_materialized(layer) for layer in layers)  # every layer freed at the end
     assert heads == [(False, False)] * 5  # the embedding is parked and lm_head not read during the layers
@@ -170,12 +168,10 @@ def test_streamed_checkpoint_missing_shard_refused_before_any_layer(tmp_path):
 
 
 def test_stage_level_bad_inputs_are_one_line(tmp_path):
-    from test_bad_inputs import _one_line_error, _stage
-
-    _one_line_error(_stage(tmp_path, "fuse.py", "+model=tiny_llama", "device=cuda"), "device=cuda: this host has no")
-    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=maybe"),
+    one_line_error(run_stage(tmp_path, "fuse.py", "+model=tiny_llama", "device=cuda"), "device=cuda: this host has no")
+    one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=maybe"),
                     "eval.stream='maybe': choose true, false or auto")
-    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=true"),
+    one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=true"),
                     "zero-shot needs the whole model in memory")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
 
@@ -199,7 +195,7 @@ def test_lazy_rotation_set_approximates_like_the_loaded_one(tmp_path):
     from pipeline.rotation.subspace import ApproxSpec, approximate_rotations
 
     model, _ = load_model(model_cfg("tiny_llama"))
-    rotations = {k: v.to(torch.float32) for k, v in _random_per_layer_set(model.double(), seed=2).items()}
+    rotations = {k: v.to(torch.float32) for k, v in random_per_layer_set(model.double(), seed=2).items()}
     save_tensors(tmp_path / "set.safetensors", rotations, {"fingerprint": "x"})
     lazy, _ = open_tensors(tmp_path / "set.safetensors", "x")
     eager, rows = approximate_rotations(rotations, 2, ApproxSpec(rank=8), progress=False)
@@ -213,8 +209,6 @@ def test_scale_bench_runs_every_stage_on_a_random_shape(tmp_path):
     import os
     import subprocess
     import sys
-
-    from conftest import ROOT, SHARED_DATA
 
     env = {**os.environ, "RSQ_CACHE_DIR": str(tmp_path / "cache"), "RSQ_DATA_DIR": str(SHARED_DATA)}
     out = tmp_path / "scale.json"
