@@ -245,6 +245,19 @@ def empty_transitions(kind: str) -> nn.Module | None:
 
 
 @torch.no_grad()
+def fuse_layer(layer: nn.Module, i: int, adapter: DecoderAdapter, bases: FusionBases,
+               transitions: nn.Module | None) -> list[str]:
+    """Fuse decoder layer ``i``'s part of a rotation set (``bases.layer(i)``) into its weights and
+    register its transitions' buffers in ``transitions``; returns their names. The per-layer step of
+    the whole-model fuse (``apply_rotation_set``) and of the streamed one (``fuse.streamed``)."""
+    layer_bases, layer_transitions = bases.layer(i)
+    fuse_steps(layer_steps(layer, i, adapter), layer_bases)
+    for name, t in layer_transitions.items():
+        transitions.register_buffer(name, t)
+    return list(layer_transitions)
+
+
+@torch.no_grad()
 def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dict[str, torch.Tensor],
                        subspace: dict[str, torch.Tensor] | None = None, chained: bool = False) -> None:
     """Fuse a rotation set into the weights in float64; per-layer sets also get their transitions:
@@ -263,10 +276,7 @@ def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dic
     fuse_steps(embedding_steps(model, adapter), bases.embedding())
     transitions = empty_transitions(bases.transitions)
     for i, layer in enumerate(adapter.layers(model)):
-        layer_bases, layer_transitions = bases.layer(i)
-        fuse_steps(layer_steps(layer, i, adapter), layer_bases)
-        for name, t in layer_transitions.items():
-            transitions.register_buffer(name, t)
+        fuse_layer(layer, i, adapter, bases, transitions)
     fuse_steps(head_steps(model, adapter), bases.head())
     if transitions is not None:
         attach_transition_module(model, adapter, transitions)

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..model.adapters import adapter_for
-from ..model.streaming import layer_inputs, run_layer
+from ..model.streaming import layer_by_layer, layer_inputs, run_layer
 from ..surgery.online import QuantLinear
 from ..rotation.hadamard import online_hadamard
 
@@ -104,17 +104,14 @@ def activation_stats_streamed(model: nn.Module, layers, windows: torch.Tensor) -
     whole-model pass; memory is one layer plus the windows' hidden states."""
     adapter = adapter_for(model)
     stats = ActivationStats()
-    decoder = adapter.layers(model)
-    hidden, kwargs = layer_inputs(model, decoder[0], windows)
-    for i in tqdm(range(len(decoder)), desc="activation stats (layer-sequential)", unit="layer"):
-        layers.load_layer(i)
-        handles = stats.watch(decoder[i], i, adapter)
+    hidden, kwargs = layer_inputs(model, adapter.layers(model)[0], windows)
+    for i, layer in layer_by_layer(model, layers, "activation stats (layer-sequential)"):
+        handles = stats.watch(layer, i, adapter)
         try:
-            hidden = run_layer(decoder[i], hidden, kwargs)
+            hidden = run_layer(layer, hidden, kwargs)
         finally:
             for h in handles:
                 h.remove()
-        layers.release_layer(i)
     return stats.rows()
 
 

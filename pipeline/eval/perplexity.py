@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ..infra.errors import PipelineError
 from ..model.adapters import adapter_for
-from ..model.streaming import layer_inputs, run_layer
+from ..model.streaming import layer_by_layer, layer_inputs, run_layer
 
 
 def _ppl(mean_nll: float) -> float:
@@ -70,12 +70,9 @@ def perplexity_streamed(model: nn.Module, reader, windows: torch.Tensor, desc: s
     """
     model.eval()
     adapter = adapter_for(model)
-    layers = adapter.layers(model)
-    hidden, kwargs = layer_inputs(model, layers[0], windows)
-    for i in tqdm(range(len(layers)), desc=f"{desc} (layer-sequential)", unit="layer"):
-        reader.load_layer(i)
-        hidden = run_layer(layers[i], hidden, kwargs)
-        reader.release_layer(i)
+    hidden, kwargs = layer_inputs(model, adapter.layers(model)[0], windows)
+    for _, layer in layer_by_layer(model, reader, f"{desc} (layer-sequential)"):
+        hidden = run_layer(layer, hidden, kwargs)
     norm = model.get_submodule(adapter.FINAL_NORM)
     head = adapter.lm_head(model)
     device = _device(model)

@@ -33,10 +33,10 @@ from torch import nn
 
 from ..model.adapters import adapter_for
 from ..infra.artifacts import SAFETENSORS_DTYPES, SafetensorsFile, atomic_dir, check_finite, file_sha256, is_finite, load_tensors
-from ..infra.devices import dtype_name
+from ..infra.devices import DTYPES, dtype_name
 from ..infra.errors import PipelineError
 from ..methods import MethodSpec, attach_online_ops, empty_transitions, quant_spec
-from ..model.load import DTYPES, model_fingerprint
+from ..model.load import model_fingerprint
 from ..model.streaming import empty_model, open_model, release
 from ..surgery.online import QuantLinear
 from ..quant.quantizers import QuantSpec

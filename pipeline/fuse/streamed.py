@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..eval.act_stats import ActivationStats
 from ..model.adapters import adapter_for
@@ -28,14 +27,14 @@ from ..export.checkpoint import CheckpointWriter, checkpoint_config, layer_state
 from ..infra.errors import PipelineError
 from ..surgery.bases import FusionBases
 from ..quant.gptq import gptq_layer
-from ..methods import (MethodSpec, check_fuse_inputs, empty_transitions, fuse_steps,
+from ..methods import (MethodSpec, check_fuse_inputs, empty_transitions, fuse_layer, fuse_steps,
                       prepare_layer_base, prepare_output_base, quantize_layer_rtn)
 from ..surgery.online import use_online_attention
 from ..quant.quantizers import OFF_BITS, QuantSpec
-from ..surgery.plan import embedding_steps, head_steps, layer_steps
-from ..model.streaming import Parked, SourceLayers, WeightSource, layer_inputs, run_layer
+from ..surgery.plan import embedding_steps, head_steps
+from ..model.streaming import Parked, SourceLayers, WeightSource, layer_by_layer, layer_inputs, run_layer
 from ..surgery.weights import untie_embeddings
-from ..surgery.transitions import attach_layer_transitions
+from ..surgery.transitions import LowRankTransitions, attach_layer_transitions
 
 
 @torch.no_grad()
@@ -80,15 +79,11 @@ def fuse_streamed(
     with atomic_dir(folder) as staging, scratch_dir(staging.parent, ".parked-") as spare:
         parked = Parked(adapter.embedding(model), spare)  # not needed again until the last shard
         writer = CheckpointWriter(staging, dims.n_layers, fingerprint)
-        for i, layer in enumerate(tqdm(layers, desc=f"fuse {method.name}", unit="layer")):
-            loader.load_layer(i)
+        for i, layer in layer_by_layer(model, loader, f"fuse {method.name}"):
             prepare_layer_base(layer, adapter, method, quant)
-            layer_bases, layer_transitions = bases.layer(i)
-            fuse_steps(layer_steps(layer, i, adapter), layer_bases)
-            for name, t in layer_transitions.items():
-                transitions.register_buffer(name, t)
-                if name.startswith("Q_"):
-                    ranks[name[2:]] = t.shape[1]
+            layer_buffers = fuse_layer(layer, i, adapter, bases, transitions)
+            if isinstance(transitions, LowRankTransitions):
+                ranks.update(transitions.ranks())
             handles = attach_layer_transitions(layer, i, adapter, transitions) if transitions is not None else []
             if gptq:
                 gptq_layer(layer, adapter, carried, kwargs, quant)
@@ -105,9 +100,8 @@ def fuse_streamed(
             writer.write(i + 1, layer_state(model, adapter, i, quant.w_bits))
             for h in handles:
                 h.remove()
-            for name in layer_transitions:
+            for name in layer_buffers:
                 delattr(transitions, name)
-            loader.release_layer(i)
         loader.load_output()
         prepare_output_base(model, adapter, method)
         fuse_steps(head_steps(model, adapter), bases.head())

@@ -100,9 +100,15 @@ def cpu_native_bf16() -> bool:
 def setup(device_name: str | None, dtype_name: str | None) -> tuple[torch.device, torch.dtype]:
     """Resolve and check ``device`` and ``model.dtype`` together (what every stage calls first)."""
     device = resolve_device(device_name)
+    return device, model_dtype(dtype_name, device)
+
+
+def model_dtype(dtype_name: str | None, device: torch.device) -> torch.dtype:
+    """``model.dtype`` on ``device`` (``auto`` resolved for it), refused where ``device`` cannot compute
+    it: ``setup``'s second half, for a stage that picks its device another way (rotate: train.device)."""
     dtype = resolve_dtype(dtype_name, device=device)
     check_dtype(device, dtype)
-    return device, dtype
+    return dtype
 
 
 def free_memory(device: torch.device) -> int:

