@@ -1,7 +1,7 @@
 """Methods as data: which rotations a method makes, and how a model is transformed for it.
 
 Every method goes through the same machinery (DESIGN §1 table):
-- ``make_rotations``: the method's initial rotation set (see ``rotation_plan`` for the names);
+- ``make_rotations``: the method's initial rotation set (see ``surgery.plan`` for the names);
 - ``prepare_model``: fold norms, fuse the rotation set and R4 into the weights (float64), fake-quantize
   weights, attach the online ops (R3, R4, activation and KV quant, per-layer transitions).
   Quantization off + any rotation set = the original model, to float64 precision.

@@ -153,7 +153,7 @@ def save_quantized(
     fingerprint: str, extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the checkpoint of a prepared in-memory model into ``folder`` atomically (temp folder
-    renamed in). The streamed fuse (``stream_fuse``) writes the very same files layer by layer."""
+    renamed in). The streamed fuse (``fuse.streamed``) writes the very same files layer by layer."""
     adapter = adapter_for(model)
     dims = adapter.dims(model)
     kind = transition_kind(model)

@@ -99,7 +99,7 @@ def check_k(k: int, what: str) -> None:
 
 
 # ---- pure-torch references (the specification) ------------------------------------------------
-# Packing: the checkpoint's own ``weight_quant.pack`` / ``unpack`` (bits=4) are the reference.
+# Packing: the checkpoint's own ``quant.codes.pack`` / ``unpack`` (bits=4) are the reference.
 
 def reference_quantize_act(x: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fake quantizer's arithmetic (``quantizers.quantize_asym``, 4 bits) on ``x (M, K)``:

@@ -1,7 +1,7 @@
 """WikiText-2 perplexity of a model fused for a method, without keeping a checkpoint (rank_sweep, sweep).
 
 Whole-model (``stream=False``): the model is loaded, fused in memory (``methods.prepare_model``) and
-evaluated. Streamed (``stream=True``, for a model that does not fit): ``stream_fuse.fuse_streamed``
+evaluated. Streamed (``stream=True``, for a model that does not fit): ``fuse.streamed.fuse_streamed``
 writes a temporary checkpoint one decoder layer at a time, ``perplexity_streamed`` evaluates it layer
 by layer, and the checkpoint is removed. Both give the same perplexity (the streamed fuse writes the
 whole-model bytes; layer-sequential perplexity equals the whole forward; tested).

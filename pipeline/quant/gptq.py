@@ -11,7 +11,7 @@ inputs of the current layer, collects each linear's Hessian from the input the l
 (after online Hadamard and activation quant, with R3, KV quant and the residual transitions active),
 quantizes the linears group by group (q/k/v, o, gate/up, down: each later group sees the already
 quantized earlier ones) and feeds the quantized layer's outputs to the next layer. ``gptq_layer`` is
-one such step, so the streamed fuse (``stream_fuse``) runs it on each layer as it is loaded: peak
+one such step, so the streamed fuse (``fuse.streamed``) runs it on each layer as it is loaded: peak
 memory is then one layer plus the cached windows' activations.
 """
 from __future__ import annotations

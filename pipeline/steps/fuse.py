@@ -1,6 +1,6 @@
 """fuse: fold norms and rotations into the weights, attach the online ops (R3, R4, transitions),
 quantize the weights (RTN or GPTQ), export the packed checkpoint, one decoder layer at a time
-(``stream_fuse``: the model's weights are read from safetensors layer by layer, so a model larger
+(``fuse.streamed``: the model's weights are read from safetensors layer by layer, so a model larger
 than memory goes through)."""
 from __future__ import annotations
 

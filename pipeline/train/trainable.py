@@ -25,7 +25,7 @@ from ..surgery.transitions import attach_transitions
 
 
 class TrainableRotations(nn.Module):
-    """A rotation set (names as in ``rotation_plan``) held as Parameters of ``dtype``."""
+    """A rotation set (names as in ``surgery.plan``) held as Parameters of ``dtype``."""
 
     def __init__(self, init: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()

@@ -9,13 +9,13 @@ still runs), each skipped with a ``skipped: budget`` row when its estimate excee
 leaves what it measured:
 
 1. ``env``: torch, CUDA and driver versions, the GPU, its free memory (``meta.env``).
-2. ``stages`` (``gpu_stages``): calibrate, global and per-layer training, approximate, fuse (RTN, GPTQ),
+2. ``stages`` (``stages``): calibrate, global and per-layer training, approximate, fuse (RTN, GPTQ),
    perplexity and the checkpoint round trip on a tiny random model, on ``--device`` and on the CPU from
    the same inputs; each artifact compared with its bound stated (``checks`` rows).
-3. ``scale_*`` (``gpu_scale``): a Llama-3-8B-shaped model with **random weights**: per-step time and
+3. ``scale_*`` (``scale``): a Llama-3-8B-shaped model with **random weights**: per-step time and
    peak GPU memory of training, approximate, the streamed GPTQ fuse and layer-sequential eval, projected
    to 32 layers and to the paper protocol (``scale`` rows, the ``docs/scale.json`` schema).
-4. ``kernels_*`` (``gpu_kernels``): the CUDA extension built for this GPU only (in a background process
+4. ``kernels_*`` (``kernels``): the CUDA extension built for this GPU only (in a background process
    started first, so nvcc runs while the GPU works), every op bit-exact against the CPU extension with
    poisoned outputs, and the W4A4 linear timed against cuBLAS bf16 (``bench`` rows, the
    ``metrics/bench.json`` schema, and ``checks`` rows).
@@ -78,7 +78,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def start_kernel_build(ctx: Context) -> None:
     """Build the CUDA extension in a background process now (nvcc on the CPUs while the GPU parts run);
-    ``gpu_kernels`` waits for it and then loads the cached build."""
+    ``kernels`` waits for it and then loads the cached build."""
     if ctx.device.type != "cuda" or "kernels" not in ctx.args.parts:
         return
     log = open(Path(ctx.args.out) / BUILD_LOG, "w")

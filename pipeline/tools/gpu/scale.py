@@ -8,7 +8,7 @@ and no quality figure of such a model is reported).
   800 windows in 100 steps of 8.
 - ``scale_approximate``: the residual subspace (rank 32) of the transitions of ``--layers`` decoder
   layers of random per-layer bases, on the device, projected to the 64 transitions of 32 layers.
-- ``scale_fuse_gptq``: ``stream_fuse.fuse_streamed`` (ReSpinQuant, W4A4KV4, GPTQ on ``--calib-windows``
+- ``scale_fuse_gptq``: ``fuse.streamed.fuse_streamed`` (ReSpinQuant, W4A4KV4, GPTQ on ``--calib-windows``
   x ``--seqlen`` tokens) of the shape cut to ``--layers`` layers, weights read from host memory layer by
   layer; time per layer, projected to 32 layers.
 - ``scale_eval``: layer-sequential perplexity of 1 window through that checkpoint, projected to 32.
