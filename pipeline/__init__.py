@@ -3,7 +3,7 @@
 
 def __getattr__(name: str):
     if name in ("load_quantized", "load_tokenizer"):  # lazy: importing pipeline stays cheap
-        from . import checkpoint
+        from .export import checkpoint
 
         return getattr(checkpoint, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

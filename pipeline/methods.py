@@ -1,7 +1,7 @@
 """Methods as data: which rotations a method makes, and how a model is transformed for it.
 
 Every method goes through the same machinery (DESIGN §1 table):
-- ``make_rotations``: the method's initial rotation set (see ``rotation_plan`` for the names);
+- ``make_rotations``: the method's initial rotation set (see ``surgery.plan`` for the names);
 - ``prepare_model``: fold norms, fuse the rotation set and R4 into the weights (float64), fake-quantize
   weights, attach the online ops (R3, R4, activation and KV quant, per-layer transitions).
   Quantization off + any rotation set = the original model, to float64 precision.
@@ -14,19 +14,20 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from .adapters import DecoderAdapter, adapter_for, get_linear, set_module
-from .artifacts import tensor_shape
-from .cayley import orthonormalize
-from .errors import PipelineError
-from .hadamard import orthogonal_hadamard
-from .online import OnlineAttention, QuantLinear, use_online_attention
-from .quantizers import OFF_BITS, ActQuantizer, QuantSpec
-from .fusion_bases import FusionBases
-from .rotation_plan import embedding_steps, head_steps, layer_steps, transform_tensor, transition_chain
-from .surgery import (F64_CHUNK_ELEMENTS, fold_final_norm, fold_layer_norms, fuse_r4, head_cols, in_float64, reader,
+from .model.adapters import DecoderAdapter, adapter_for, get_linear, set_module
+from .infra.artifacts import tensor_shape
+from .infra.errors import PipelineError
+from .rotation.hadamard import orthogonal_hadamard
+from .rotation.subspace import transition_chain
+from .surgery.online import OnlineAttention, QuantLinear, use_online_attention
+from .quant.quantizers import OFF_BITS, ActQuantizer, QuantSpec
+from .surgery.bases import FusionBases
+from .surgery.plan import embedding_steps, head_steps, layer_steps, transform_tensor
+from .surgery.weights import (F64_CHUNK_ELEMENTS, fold_final_norm, fold_layer_norms, fuse_r4, head_cols, in_float64, reader,
                       replace_final_norm, replace_layer_norms, untie_embeddings)
-from .transitions import DenseTransitions, LowRankTransitions, attach_transition_module
-from .weight_quant import dequantize, rtn
+from .surgery.transitions import DenseTransitions, LowRankTransitions, attach_transition_module
+from .quant.codes import dequantize, rtn
+from .quant.gptq import gptq_model
 
 ROTATION_KINDS = ("none", "hadamard", "random_hadamard")
 TRANSITIONS = ("dense", "low_rank")
@@ -244,6 +245,19 @@ def empty_transitions(kind: str) -> nn.Module | None:
 
 
 @torch.no_grad()
+def fuse_layer(layer: nn.Module, i: int, adapter: DecoderAdapter, bases: FusionBases,
+               transitions: nn.Module | None) -> list[str]:
+    """Fuse decoder layer ``i``'s part of a rotation set (``bases.layer(i)``) into its weights and
+    register its transitions' buffers in ``transitions``; returns their names. The per-layer step of
+    the whole-model fuse (``apply_rotation_set``) and of the streamed one (``fuse.streamed``)."""
+    layer_bases, layer_transitions = bases.layer(i)
+    fuse_steps(layer_steps(layer, i, adapter), layer_bases)
+    for name, t in layer_transitions.items():
+        transitions.register_buffer(name, t)
+    return list(layer_transitions)
+
+
+@torch.no_grad()
 def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dict[str, torch.Tensor],
                        subspace: dict[str, torch.Tensor] | None = None, chained: bool = False) -> None:
     """Fuse a rotation set into the weights in float64; per-layer sets also get their transitions:
@@ -262,10 +276,7 @@ def apply_rotation_set(model: nn.Module, adapter: DecoderAdapter, rotations: dic
     fuse_steps(embedding_steps(model, adapter), bases.embedding())
     transitions = empty_transitions(bases.transitions)
     for i, layer in enumerate(adapter.layers(model)):
-        layer_bases, layer_transitions = bases.layer(i)
-        fuse_steps(layer_steps(layer, i, adapter), layer_bases)
-        for name, t in layer_transitions.items():
-            transitions.register_buffer(name, t)
+        fuse_layer(layer, i, adapter, bases, transitions)
     fuse_steps(head_steps(model, adapter), bases.head())
     if transitions is not None:
         attach_transition_module(model, adapter, transitions)
@@ -295,7 +306,6 @@ def quantize_weights(model: nn.Module, adapter: DecoderAdapter, quant: QuantSpec
     if quant.weight_method == "gptq":
         if calib is None:
             raise PipelineError("quant.weight_method=gptq needs calibration windows (run the calibrate stage)")
-        from .gptq import gptq_model
 
         gptq_model(model, adapter, calib, quant)
     else:

@@ -4,6 +4,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import stage_main  # noqa: E402
+from pipeline.infra.config import stage_main  # noqa: E402
 
 __all__ = ["stage_main"]

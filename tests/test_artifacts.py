@@ -7,11 +7,11 @@ import sys
 import torch
 
 from conftest import ROOT
-from pipeline.artifacts import load_tensors
+from pipeline.infra.artifacts import load_tensors
 
 WRITE = """
 import sys, torch
-from pipeline.artifacts import save_tensors
+from pipeline.infra.artifacts import save_tensors
 g = torch.Generator().manual_seed(0)
 tensors = {f"t{i}": torch.randn(3, i + 1, generator=g) for i in range(6)}
 save_tensors(sys.argv[1], tensors, {"fingerprint": "f", "model": "m", "method": "x", "stage": "global",

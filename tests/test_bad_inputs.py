@@ -1,85 +1,66 @@
 """Bad input gets one clear line and a non-zero exit, never a traceback, never a half-written artifact."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from conftest import ROOT, SHARED_DATA
-from pipeline.artifacts import load_tensors, save_tensors
-from pipeline.errors import PipelineError
-
-
-def _stage(tmp_path, script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(ROOT / "stages" / script),
-            f"paths.artifacts={tmp_path / 'a'}", f"paths.metrics={tmp_path / 'm'}", *overrides]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "RSQ_DATA_DIR": str(SHARED_DATA), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                **(env or {})}
-    return subprocess.run(args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
-
-
-def _one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and expected in lines[-1], proc.stderr
+from conftest import ROOT, model_cfg
+from pipeline.infra.artifacts import load_tensors, save_tensors
+from pipeline.infra.errors import PipelineError
+from helpers import one_line_error, run_stage
 
 
 def test_no_model_selected(tmp_path):
-    _one_line_error(_stage(tmp_path, "calibrate.py"), "no model selected: add +model=NAME")
+    one_line_error(run_stage(tmp_path, "calibrate.py"), "no model selected: add +model=NAME")
 
 
 def test_unknown_model(tmp_path):
-    proc = _stage(tmp_path, "calibrate.py", "+model=no_such_model")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=no_such_model")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "Could not find 'model/no_such_model'" in proc.stderr
 
 
 def test_bad_override(tmp_path):
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "eval.seqlenn=3")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "eval.seqlenn=3")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "Could not override 'eval.seqlenn'" in proc.stderr
 
 
 def test_bad_quant_value(tmp_path):
-    proc = _stage(tmp_path, "fuse.py", "+model=tiny_llama", "quant.a_bits=12")
-    _one_line_error(proc, "quant.a_bits=12: must be 2..8 or 16 (off)")
+    proc = run_stage(tmp_path, "fuse.py", "+model=tiny_llama", "quant.a_bits=12")
+    one_line_error(proc, "quant.a_bits=12: must be 2..8 or 16 (off)")
 
 
 def test_missing_data_dir(tmp_path):
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"data.dir={tmp_path / 'nowhere'}")
-    _one_line_error(proc, "does not exist (set data.dir= or RSQ_DATA_DIR")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"data.dir={tmp_path / 'nowhere'}")
+    one_line_error(proc, "does not exist (set data.dir= or RSQ_DATA_DIR")
     assert not (tmp_path / "a").exists()  # nothing half-written
 
 
 def test_no_data_dir_and_hub_off(tmp_path):
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", env={"RSQ_DATA_DIR": ""})
-    _one_line_error(proc, "needs a data dir")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", env={"RSQ_DATA_DIR": ""})
+    one_line_error(proc, "needs a data dir")
 
 
 def test_unsupported_architecture(tmp_path):
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.config.model_type=gpt2")
-    _one_line_error(proc, "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.config.model_type=gpt2")
+    one_line_error(proc, "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
 
 
 def test_llama3_composes_and_prints(tmp_path):
-    proc = _stage(tmp_path, "train_rotation.py", "+model=llama3", "--cfg", "job")
+    proc = run_stage(tmp_path, "train_rotation.py", "+model=llama3", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert "hidden_size: 4096" in proc.stdout and "meta-llama/Meta-Llama-3-8B" in proc.stdout
 
 
 def test_llama3_without_weights_is_one_line(tmp_path):
-    proc = _stage(tmp_path, "train_rotation.py", "+model=llama3", env={"HF_HOME": str(tmp_path / "hf")})
-    _one_line_error(proc, "'meta-llama/Meta-Llama-3-8B' is neither a local folder nor a model in the HF cache")
+    proc = run_stage(tmp_path, "train_rotation.py", "+model=llama3", env={"HF_HOME": str(tmp_path / "hf")})
+    one_line_error(proc, "'meta-llama/Meta-Llama-3-8B' is neither a local folder nor a model in the HF cache")
 
 
 def test_unknown_variant(tmp_path):
-    proc = _stage(tmp_path, "fuse.py", "+model=tiny_llama", "variant=nope")
-    _one_line_error(proc, "variant=nope is not in variants")
+    proc = run_stage(tmp_path, "fuse.py", "+model=tiny_llama", "variant=nope")
+    one_line_error(proc, "variant=nope is not in variants")
 
 
 def test_artifact_for_another_model_refused(tmp_path):
@@ -118,12 +99,12 @@ def test_failed_write_leaves_no_file(tmp_path):
     ("calib.seqlen=1024", "calib.seqlen=1024 exceeds the model's max_position_embeddings=512"),
 ])
 def test_bad_calibration_settings(tmp_path, override, expected):
-    _one_line_error(_stage(tmp_path, "calibrate.py", "+model=tiny_llama", override), expected)
+    one_line_error(run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", override), expected)
     assert not (tmp_path / "a").exists()
 
 
 def test_mistyped_quant_value(tmp_path):
-    _one_line_error(_stage(tmp_path, "fuse.py", "+model=tiny_llama", "quant.w_bits=four"),
+    one_line_error(run_stage(tmp_path, "fuse.py", "+model=tiny_llama", "quant.w_bits=four"),
                     "quant.w_bits=four: must be 2..8 or 16 (off)")
 
 
@@ -139,20 +120,19 @@ RESPIN = ("+model=tiny_llama", "method=respinquant")
     ("approx.energy=0", "approx.energy=0: must be in (0, 1]"),
 ])
 def test_bad_rank_is_one_line(tmp_path, override, expected):
-    _one_line_error(_stage(tmp_path, "approximate.py", *RESPIN, override), expected)
+    one_line_error(run_stage(tmp_path, "approximate.py", *RESPIN, override), expected)
     assert not (tmp_path / "a").exists()
 
 
 def test_approximate_needs_a_low_rank_method(tmp_path):
-    _one_line_error(_stage(tmp_path, "approximate.py", "+model=tiny_llama", "method=layerwise"),
+    one_line_error(run_stage(tmp_path, "approximate.py", "+model=tiny_llama", "method=layerwise"),
                     "method layerwise has no low-rank transitions: approximate does not apply")
 
 
 def _tiny_per_layer_set(tmp_path, fingerprint_of: str = "tiny_llama") -> None:
     """A per-layer rotation set where the hand-run respinquant stages look for it."""
-    from conftest import model_cfg
     from pipeline.methods import MethodSpec, make_rotations
-    from pipeline.models import load_model, model_fingerprint
+    from pipeline.model.load import load_model, model_fingerprint
 
     model, _ = load_model(model_cfg(fingerprint_of))
     method = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", per_layer=True, transition="low_rank")
@@ -162,7 +142,7 @@ def _tiny_per_layer_set(tmp_path, fingerprint_of: str = "tiny_llama") -> None:
 
 def test_rotations_for_another_model_refused_by_approximate(tmp_path):
     _tiny_per_layer_set(tmp_path, fingerprint_of="tiny_qwen2")
-    _one_line_error(_stage(tmp_path, "approximate.py", *RESPIN), "was made for model tiny_qwen2")
+    one_line_error(run_stage(tmp_path, "approximate.py", *RESPIN), "was made for model tiny_qwen2")
     assert not (tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "subspace.safetensors").exists()
 
 
@@ -170,26 +150,26 @@ def test_truncated_rotations_refused_by_approximate(tmp_path):
     _tiny_per_layer_set(tmp_path)
     path = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "layerwise.safetensors"
     path.write_bytes(path.read_bytes()[:-1000])
-    _one_line_error(_stage(tmp_path, "approximate.py", *RESPIN), "is not a readable safetensors file")
+    one_line_error(run_stage(tmp_path, "approximate.py", *RESPIN), "is not a readable safetensors file")
 
 
 def test_subspace_for_other_rotations_or_model_refused_by_fuse(tmp_path):
     _tiny_per_layer_set(tmp_path)
-    proc = _stage(tmp_path, "approximate.py", *RESPIN, "approx.rank=4")
+    proc = run_stage(tmp_path, "approximate.py", *RESPIN, "approx.rank=4")
     assert proc.returncode == 0, proc.stderr
     sub = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4_r4" / "subspace.safetensors"
     assert sub.is_file()
     tensors, meta = load_tensors(sub)
     save_tensors(sub, tensors, {**meta, "rotations": "0123456789abcdef"})
-    _one_line_error(_stage(tmp_path, "fuse.py", *RESPIN, "approx.rank=4"),
+    one_line_error(run_stage(tmp_path, "fuse.py", *RESPIN, "approx.rank=4"),
                     "was made from other rotations: rerun the approximate stage")
     save_tensors(sub, tensors, {**meta, "fingerprint": "ffff", "model": "another"})
-    _one_line_error(_stage(tmp_path, "fuse.py", *RESPIN, "approx.rank=4"), "was made for model another")
+    one_line_error(run_stage(tmp_path, "fuse.py", *RESPIN, "approx.rank=4"), "was made for model another")
     assert not (tmp_path / "a" / "fused").exists()
 
 
 def test_rank_sweep_needs_a_low_rank_method(tmp_path):
-    _one_line_error(_stage(tmp_path, "rank_sweep.py", "+model=tiny_llama", "method=layerwise"),
+    one_line_error(run_stage(tmp_path, "rank_sweep.py", "+model=tiny_llama", "method=layerwise"),
                     "rank_sweep needs a low-rank (respinquant) variant; layerwise_w4a4kv4 uses method layerwise")
 
 
@@ -199,11 +179,11 @@ def test_rank_sweep_streamed_equals_in_memory_and_bad_stream_is_one_line(tmp_pat
     import csv
 
     _tiny_per_layer_set(tmp_path)
-    _one_line_error(_stage(tmp_path, "rank_sweep.py", *RESPIN, "rank_sweep.stream=maybe"),
+    one_line_error(run_stage(tmp_path, "rank_sweep.py", *RESPIN, "rank_sweep.stream=maybe"),
                     "error: rank_sweep.stream='maybe': choose true, false or auto")
     ppl = {}
     for stream in ("true", "false"):
-        proc = _stage(tmp_path, "rank_sweep.py", *RESPIN, "eval.seqlen=64", "rank_sweep.ranks=[8]",
+        proc = run_stage(tmp_path, "rank_sweep.py", *RESPIN, "eval.seqlen=64", "rank_sweep.ranks=[8]",
                       "rank_sweep.max_windows=1", f"rank_sweep.stream={stream}",
                       env={"RSQ_CACHE_DIR": str(tmp_path / "cache")})
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -214,15 +194,15 @@ def test_rank_sweep_streamed_equals_in_memory_and_bad_stream_is_one_line(tmp_pat
 
 def test_rank_sweep_refuses_a_rank_above_hidden_before_fusing(tmp_path):
     _tiny_per_layer_set(tmp_path)
-    _one_line_error(_stage(tmp_path, "rank_sweep.py", *RESPIN, "eval.seqlen=128", "rank_sweep.ranks=[0,193]"),
+    one_line_error(run_stage(tmp_path, "rank_sweep.py", *RESPIN, "eval.seqlen=128", "rank_sweep.ranks=[0,193]"),
                     "rank_sweep.ranks: 193 exceeds the hidden size 192")
     assert not (tmp_path / "m" / "rank_sweep").exists()
 
 
 def test_report_without_eval_metrics_is_one_line(tmp_path):
-    _one_line_error(_stage(tmp_path, "report.py", "-cd", str(ROOT), "-cn", "params"),
+    one_line_error(run_stage(tmp_path, "report.py", "-cd", str(ROOT), "-cn", "params"),
                     "eval/fp16.json is missing: run the eval stage of variant fp16 first")
-    _one_line_error(_stage(tmp_path, "report.py", "+model=tiny_llama"),
+    one_line_error(run_stage(tmp_path, "report.py", "+model=tiny_llama"),
                     "report compares the variants of conf/pipeline.yaml")
     assert not (tmp_path / "results.md").exists()
 
@@ -232,7 +212,7 @@ def test_report_without_eval_metrics_is_one_line(tmp_path):
     ("eval.limit=0", "zero-shot limit must be a positive integer or None (all items), got 0"),
 ])
 def test_bad_zeroshot_settings_fail_before_any_model_work(tmp_path, override, expected):
-    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", override), expected)
+    one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_llama", override), expected)
     assert not (tmp_path / "m").exists()
 
 
@@ -241,7 +221,7 @@ def test_hand_run_respinquant_training_runs(tmp_path):
     'transition=low_rank needs per_layer=true')."""
     common = ["+model=tiny_llama", "method=respinquant", "calib.n_windows=2", "calib.seqlen=64",
               "calib.stats_windows=1", "train.steps=1", "train.batch_size=1", "train.checkpoint_every=0"]
-    assert _stage(tmp_path, "calibrate.py", *common).returncode == 0
-    proc = _stage(tmp_path, "train_rotation.py", *common)
+    assert run_stage(tmp_path, "calibrate.py", *common).returncode == 0
+    proc = run_stage(tmp_path, "train_rotation.py", *common)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert (tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "global.safetensors").is_file()

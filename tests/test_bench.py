@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import json
+from helpers import one_line_error, run_stage
 
-from test_bad_inputs import _one_line_error, _stage
 
 TINY = ("+model=tiny_llama", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
         "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8")
 
 
 def test_bench_stage_writes_every_row(tmp_path):
-    proc = _stage(tmp_path, "bench.py", *TINY)
+    proc = run_stage(tmp_path, "bench.py", *TINY)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "m" / "bench.json").read_text())
     assert result["backend"] == "cpu" and result["device"].startswith("cpu")
@@ -28,6 +28,6 @@ def test_bench_stage_writes_every_row(tmp_path):
 
 
 def test_bench_bad_settings_are_one_line(tmp_path):
-    _one_line_error(_stage(tmp_path, "bench.py", *TINY, "bench.m=[0,4]"), "bench.m=[0, 4]: give a non-empty list of positive integers")
-    _one_line_error(_stage(tmp_path, "bench.py", *TINY, "bench.transition_rank=999"), "bench.transition_rank=999: must be in 1..192")
+    one_line_error(run_stage(tmp_path, "bench.py", *TINY, "bench.m=[0,4]"), "bench.m=[0, 4]: give a non-empty list of positive integers")
+    one_line_error(run_stage(tmp_path, "bench.py", *TINY, "bench.transition_rank=999"), "bench.transition_rank=999: must be in 1..192")
     assert not (tmp_path / "m" / "bench.json").exists()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.cayley import CayleySGD, orthonormalize
-from pipeline.hadamard import orthogonal_hadamard
+from pipeline.rotation.cayley import CayleySGD, orthonormalize
+from pipeline.rotation.hadamard import orthogonal_hadamard
 
 
 def _ortho_err(R: torch.Tensor) -> float:

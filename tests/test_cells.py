@@ -1,4 +1,4 @@
-"""The experiment matrix in cells (pipeline.cells): run order, resumption, skip by config, deadline,
+"""The experiment matrix in cells (pipeline.tools.cells): run order, resumption, skip by config, deadline,
 bad input as one line."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from pipeline import cells
-from pipeline.cells import Cell, cells_of, load_matrix
+from pipeline.tools import cells
+from pipeline.tools.cells import Cell, cells_of, load_matrix
 
 TINY = ["train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=0",
         "calib.stats_windows=1", "eval.seqlen=128"]

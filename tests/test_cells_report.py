@@ -1,4 +1,4 @@
-"""The matrix's results table (pipeline.cells_report) over synthetic result files."""
+"""The matrix's results table (pipeline.eval.cells_report) over synthetic result files."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from pipeline import cells_report
-from pipeline.cells_report import matrix_markdown, matrix_rows
-from pipeline.errors import PipelineError
+from pipeline.eval import cells_report
+from pipeline.eval.cells_report import matrix_markdown, matrix_rows
+from pipeline.infra.errors import PipelineError
 
 
 def _write(root, variant: str, seed: int, nll: list[float], quant: str = "w4a4kv4", weights: str = "gptq",

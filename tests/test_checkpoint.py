@@ -9,30 +9,13 @@ from safetensors import safe_open
 
 from conftest import model_cfg
 from pipeline import load_quantized, load_tokenizer
-from pipeline.artifacts import file_sha256
-from pipeline.checkpoint import CONFIG, FORMAT, INDEX, save_quantized, shard_name
-from pipeline.errors import PipelineError
+from pipeline.infra.artifacts import file_sha256
+from pipeline.export.checkpoint import CONFIG, FORMAT, INDEX, save_quantized, shard_name
+from pipeline.infra.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
-from pipeline.models import load_model, model_fingerprint
-from pipeline.quantizers import QuantSpec
-from test_invariance import _random_per_layer_set
-from test_subspace import LAYERWISE, RESPIN, _subspace
-
-QUAROT = MethodSpec(name="quarot", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True)
-W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
-
-
-def _prepared(name: str, method: MethodSpec, quant: QuantSpec, rank=None):
-    model, tok = load_model(model_cfg(name))
-    fingerprint = model_fingerprint(model)
-    if method.per_layer:
-        rotations = _random_per_layer_set(load_model(model_cfg(name))[0].double(), seed=3)
-    else:
-        rotations = make_rotations(method, model)
-    sub = _subspace(model, rotations, rank) if rank is not None else None
-    calib = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
-    prepare_model(model, method, rotations, quant, sub, calib)
-    return model, tok, fingerprint
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from helpers import LAYERWISE, QUAROT, RESPIN, W4A4, prepared_model
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
@@ -41,7 +24,7 @@ def _prepared(name: str, method: MethodSpec, quant: QuantSpec, rank=None):
 @pytest.mark.parametrize("weights", ["rtn", "gptq"])
 def test_round_trip_exact(tmp_path, name, method, rank, weights, tokens):
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method=weights)
-    model, tok, fingerprint = _prepared(name, method, quant, rank)
+    model, tok, fingerprint = prepared_model(name, method, quant, rank)
     save_quantized(tmp_path / "ckpt", model, tok, method, quant, fingerprint)
     loaded = load_quantized(tmp_path / "ckpt")
     with torch.no_grad():
@@ -53,7 +36,7 @@ def test_round_trip_exact(tmp_path, name, method, rank, weights, tokens):
 
 def test_weights_are_packed_int4_with_scales(tmp_path):
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, w_group_size=32)
-    model, tok, fingerprint = _prepared("tiny_llama", RESPIN, quant, rank=8)
+    model, tok, fingerprint = prepared_model("tiny_llama", RESPIN, quant, rank=8)
     save_quantized(tmp_path / "ckpt", model, tok, RESPIN, quant, fingerprint)
     with safe_open(str(tmp_path / "ckpt" / shard_name(1, 2)), "pt") as f:
         keys = set(f.keys())
@@ -69,7 +52,7 @@ def test_weights_are_packed_int4_with_scales(tmp_path):
 
 
 def test_weights_off_the_grid_are_refused(tmp_path):
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.linear.weight[0, 0] += 1e-3
     with pytest.raises(PipelineError, match="not on their quantization grid"):
@@ -78,7 +61,7 @@ def test_weights_off_the_grid_are_refused(tmp_path):
 
 
 def test_checkpoint_for_another_model_refused(tmp_path):
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
     hf = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     hf["num_hidden_layers"] = 3
@@ -94,7 +77,7 @@ def test_checkpoint_for_another_model_refused(tmp_path):
 
 @pytest.mark.parametrize("cut", [0.5, 0.999])
 def test_truncated_weights_refused(tmp_path, cut):
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
     path = tmp_path / "ckpt" / shard_name(1, 2)
     data = path.read_bytes()
@@ -144,7 +127,7 @@ def test_gptq_needs_calibration_windows():
 
 def test_missing_transitions_refused(tmp_path):
     """A shard rewritten without its transitions (and its hash updated to match) is still refused."""
-    model, tok, fingerprint = _prepared("tiny_llama", RESPIN, W4A4, rank=4)
+    model, tok, fingerprint = prepared_model("tiny_llama", RESPIN, W4A4, rank=4)
     save_quantized(tmp_path / "ckpt", model, tok, RESPIN, W4A4, fingerprint)
     def drop(tensors):
         del tensors["rsq_transitions.Q_ffn_1"], tensors["rsq_transitions.M_ffn_1"]
@@ -159,7 +142,7 @@ def _rewrite_shard(folder, name: str, edit) -> None:
     consistent (not accidental) change would."""
     from safetensors.torch import save_file
 
-    from pipeline.artifacts import file_sha256, load_tensors
+    from pipeline.infra.artifacts import file_sha256, load_tensors
 
     tensors, meta = load_tensors(folder / name)
     edit(tensors)
@@ -179,7 +162,7 @@ def _tamper(path, offset_from_end: int = 64) -> None:
 def test_edited_config_refused(tmp_path, edit):
     """Editing rsq_config.json (a W4A4 checkpoint relabelled W4A16, another method, R4 off) changes the
     online ops the weights were fused for: refused in one line naming the file."""
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
     path = tmp_path / "ckpt" / CONFIG
     config = json.loads(path.read_text())
@@ -197,7 +180,7 @@ def test_edited_config_refused(tmp_path, edit):
 
 def test_flipped_tensor_bytes_refused(tmp_path):
     """Flipped bytes inside tensor data (not the header) are caught by the shard's sha256."""
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
     shard = tmp_path / "ckpt" / shard_name(2, 2)
     _tamper(shard)
@@ -206,7 +189,7 @@ def test_flipped_tensor_bytes_refused(tmp_path):
 
 
 def test_missing_shard_refused(tmp_path):
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
     (tmp_path / "ckpt" / shard_name(1, 2)).unlink()
     with pytest.raises(PipelineError, match=f"{shard_name(1, 2)} is missing"):
@@ -215,7 +198,7 @@ def test_missing_shard_refused(tmp_path):
 
 def test_nan_scale_refused_even_with_a_matching_hash(tmp_path):
     """A NaN weight scale written consistently (shard and index both rewritten) is still refused."""
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
     def poison(tensors):
         tensors["model.layers.0.mlp.down_proj.weight_scale"][3] = float("nan")
@@ -226,7 +209,7 @@ def test_nan_scale_refused_even_with_a_matching_hash(tmp_path):
 
 
 def test_identical_saves_write_identical_bytes(tmp_path):
-    model, tok, fingerprint = _prepared("tiny_llama", RESPIN, W4A4, rank=4)
+    model, tok, fingerprint = prepared_model("tiny_llama", RESPIN, W4A4, rank=4)
     save_quantized(tmp_path / "a", model, tok, RESPIN, W4A4, fingerprint)
     save_quantized(tmp_path / "b", model, tok, RESPIN, W4A4, fingerprint)
     for path in sorted((tmp_path / "a").iterdir()):

@@ -8,14 +8,14 @@ import yaml
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from pipeline.config import compose_pipeline, select_variant
-from pipeline.errors import PipelineError
+from pipeline.infra.config import compose_pipeline, select_variant
+from pipeline.infra.errors import PipelineError
 
 
 def test_params_yaml_equals_composed_conf():
     composed = OmegaConf.to_container(compose_pipeline(), resolve=True)
     on_disk = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert on_disk == composed, "params.yaml is stale: run `python -m pipeline.config` (or dvc exp run)"
+    assert on_disk == composed, "params.yaml is stale: run `python -m pipeline.infra.config` (or dvc exp run)"
 
 
 def test_dvc_hydra_integration_configured():

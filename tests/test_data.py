@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from pipeline.data import (calibration_text, corpus_text, eval_corpus_windows, eval_windows, sample_windows,
+from pipeline.eval.data import (calibration_text, corpus_text, eval_corpus_windows, eval_windows, sample_windows,
                            tokenize, wikitext2_test_text)
-from pipeline.errors import PipelineError
+from pipeline.infra.errors import PipelineError
 
 
 def test_wikitext_offline_joins_nonblank_lines():
@@ -64,7 +64,7 @@ def test_corpus_windowed_like_wikitext(tmp_path):
 def test_byte_tokenizer_fast_path_equals_the_tokenizer():
     """data.tokenize's byte lookup gives the ids the tokenizer itself gives: every byte value, multi-byte
     characters, blank lines, and the empty text."""
-    from pipeline.models import byte_tokenizer
+    from pipeline.model.load import byte_tokenizer
 
     tok = byte_tokenizer()
     text = "héllo wörld\n\n€ 𝄞 ok\x00\x7f\t " + bytes(range(256)).decode("latin-1") + "语言"

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline import devices, models
-from pipeline.artifacts import load_tensors
-from pipeline.errors import PipelineError
-from test_bad_inputs import _one_line_error, _stage
+from pipeline.infra import devices
+from pipeline.model import load as models
+from pipeline.infra.artifacts import load_tensors
+from pipeline.infra.errors import PipelineError
+from helpers import one_line_error, run_stage
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -19,7 +20,7 @@ NO_CUDA = not torch.cuda.is_available()
 def _exit_2_one_line(proc, expected: str) -> None:
     """Exit status 2, no traceback, and stderr is the single ``error:`` line."""
     assert proc.returncode == 2, proc.stderr[-2000:]
-    _one_line_error(proc, expected)
+    one_line_error(proc, expected)
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith("error: ")
 
@@ -50,7 +51,6 @@ def test_dtypes():
     assert devices.resolve_dtype("bfloat16") is torch.bfloat16
     with pytest.raises(PipelineError, match=r"^model\.dtype=int8: choose auto or one of float32, float64, bfloat16, float16$"):
         devices.resolve_dtype("int8")
-    assert models.DTYPES is devices.DTYPES  # one table: other modules import models.DTYPES
     for dtype in (torch.float32, torch.bfloat16):
         devices.check_dtype(torch.device("cpu"), dtype)
     assert devices.setup("cpu", "bfloat16") == (torch.device("cpu"), torch.bfloat16)
@@ -71,7 +71,7 @@ def test_auto_dtype_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch, native):
 def test_auto_dtype_is_resolved_before_the_stage_and_named_in_its_outputs(tmp_path):
     """``model.dtype=auto`` reaches the stage (and its artifacts) as the concrete dtype of this host."""
     for script in ("calibrate.py", "train_rotation.py", "fuse.py"):
-        proc = _stage(tmp_path, script, "+model=tiny_llama", "method=quarot", "quant=w16a16", "model.dtype=auto",
+        proc = run_stage(tmp_path, script, "+model=tiny_llama", "method=quarot", "quant=w16a16", "model.dtype=auto",
                       "device=cpu", "calib.n_windows=2", "calib.seqlen=32", "calib.stats_windows=1")
         assert proc.returncode == 0, proc.stderr[-2000:]
     expected = "bfloat16" if devices.cpu_native_bf16() else "float32"
@@ -90,22 +90,22 @@ def test_load_model_on_a_device_and_bad_dtype():
 
 @pytest.mark.skipif(not NO_CUDA, reason="this host has a CUDA GPU")
 def test_cuda_on_a_cpu_host_is_one_line_before_any_work(tmp_path):
-    proc = _stage(tmp_path, "train_rotation.py", "+model=tiny_llama", "method=spinquant", "device=cuda")
+    proc = run_stage(tmp_path, "train_rotation.py", "+model=tiny_llama", "method=spinquant", "device=cuda")
     _exit_2_one_line(proc, "error: train.device=cuda: this host has no usable CUDA GPU")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "device=cuda")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "device=cuda")
     _exit_2_one_line(proc, "error: device=cuda: this host has no usable CUDA GPU")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
 
 
 def test_bad_dtype_is_one_line(tmp_path):
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.dtype=int8")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.dtype=int8")
     _exit_2_one_line(proc, "error: model.dtype=int8: choose auto or one of float32, float64, bfloat16, float16")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
 
 
 def test_calibrate_on_an_explicit_cpu(tmp_path):
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "device=cpu",
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "device=cpu",
                   "calib.n_windows=2", "calib.seqlen=64", "calib.stats_windows=1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     windows = load_tensors(tmp_path / "a" / "calib" / "windows.safetensors")[0]["windows"]

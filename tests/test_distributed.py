@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, SHARED_DATA
-from pipeline.artifacts import load_tensors
+from pipeline.infra.artifacts import load_tensors
+from helpers import one_line_error, run_stage
 
 TINY = ["+model=tiny_llama", "method=spinquant", "train.windows=4", "train.seqlen=64", "train.steps=3",
         "train.batch_size=2", "train.checkpoint_every=0", "calib.stats_windows=1"]
@@ -47,7 +48,7 @@ def test_two_ranks_equal_single_process(tmp_path):
     moved = max((single[k] - ddp[k]).abs().max().item() for k in single)
     assert moved < 1e-4, moved
     # and training really moved the rotations away from their Hadamard start
-    from pipeline.hadamard import orthogonal_hadamard
+    from pipeline.rotation.hadamard import orthogonal_hadamard
 
     start = orthogonal_hadamard(192, seed=0, dtype=torch.float32)
     assert (single["R1"] - start).abs().max() > 1e-3
@@ -76,8 +77,6 @@ def test_fsdp2_two_ranks_equal_single_process(tmp_path, checkpointing):
 
 
 def test_fsdp_without_torchrun_is_one_line(tmp_path):
-    from test_bad_inputs import _one_line_error, _stage
-
-    proc = _stage(tmp_path, "train_rotation.py", *TINY, "train.fsdp=true")
-    _one_line_error(proc, "error: train.fsdp=true shards the model over torchrun's ranks")
+    proc = run_stage(tmp_path, "train_rotation.py", *TINY, "train.fsdp=true")
+    one_line_error(proc, "error: train.fsdp=true shards the model over torchrun's ranks")
     assert not (tmp_path / "a" / "rotations").exists()

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from conftest import ROOT
-from pipeline.config import write_params
+from pipeline.infra.config import write_params
 
 from mlflow_server import mlflow_server, search_runs
 
@@ -73,8 +73,8 @@ def test_dvc_repro_tiny(tmp_path):
         _check_runs(repo, runs, commit)
         _run_notebook(repo, url)
 
-        # a second seed of spinquant (pipeline.seed_runs), then the report with both seeds
-        seeded = _run([sys.executable, "-m", "pipeline.seed_runs", "--seeds", "1", "--variants", "spinquant", *TINY],
+        # a second seed of spinquant (pipeline.tools.seed_runs), then the report with both seeds
+        seeded = _run([sys.executable, "-m", "pipeline.tools.seed_runs", "--seeds", "1", "--variants", "spinquant", *TINY],
                       repo, env)
         assert "seed 1 [4/4] eval variant=spinquant" in seeded.stdout
         assert (repo / "metrics" / "seeds" / "seed1" / "eval_windows" / "spinquant.json").is_file()

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.gptq import gptq
-from pipeline.weight_quant import dequantize, rtn
+from pipeline.quant.gptq import gptq
+from pipeline.quant.codes import dequantize, rtn
 
 
 def _correlated_layer(seed: int, n: int = 4096, k: int = 256, out: int = 64):

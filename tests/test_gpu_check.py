@@ -1,4 +1,4 @@
-"""``python -m pipeline.gpu_check``: the CPU run of the prepared GPU check (the same code paths, tiny
+"""``python -m pipeline.tools.gpu.check``: the CPU run of the prepared GPU check (the same code paths, tiny
 shapes), its result schema, the budget skip, bad input, the merge, and that it imports nothing the GPU
 machine lacks."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import gpu_check, gpu_merge, gpu_prepare
+from pipeline.tools.gpu import check as gpu_check, merge as gpu_merge, prepare as gpu_prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 ABSENT_THERE = ("hydra", "mlflow", "dvc", "lm_eval", "datasets", "gguf")
@@ -42,8 +42,8 @@ def run_blocked(code: str, tmp_path: Path, timeout: int = 600) -> subprocess.Com
 
 def test_modules_import_nothing_the_gpu_machine_lacks(tmp_path):
     code = ("import importlib.util; assert importlib.util.find_spec('mlflow') is None\n"
-            "import pipeline.gpu_check, pipeline.gpu_stages, pipeline.gpu_scale, pipeline.gpu_kernels, "
-            "pipeline.gpu_merge, pipeline.gpu_prepare, pipeline.stream_fuse, pipeline.checkpoint\n"
+            "import pipeline.tools.gpu.check, pipeline.tools.gpu.stages, pipeline.tools.gpu.scale, pipeline.tools.gpu.kernels, "
+            "pipeline.tools.gpu.merge, pipeline.tools.gpu.prepare, pipeline.fuse.streamed, pipeline.export.checkpoint\n"
             f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {ABSENT_THERE!r})\n"
             "print('loaded:', bad); assert not bad")
     done = run_blocked(code, tmp_path, timeout=300)
@@ -53,7 +53,7 @@ def test_modules_import_nothing_the_gpu_machine_lacks(tmp_path):
 def test_tiny_cpu_check_runs_every_part_and_writes_the_row_schemas(tmp_path):
     code = ("import runpy\n"
             f"sys.argv = ['gpu_check', '--device', 'cpu', '--tiny', '--out', {str(tmp_path)!r}]\n"
-            "runpy.run_module('pipeline.gpu_check', run_name='__main__')\n")
+            "runpy.run_module('pipeline.tools.gpu.check', run_name='__main__')\n")
     done = run_blocked(code, tmp_path)
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     result = json.loads((tmp_path / gpu_check.RESULT_FILE).read_text())
@@ -87,7 +87,7 @@ def test_short_budget_skips_parts_with_a_row(tmp_path):
 
 
 def test_a_failing_part_is_a_row_and_the_rest_runs(tmp_path, monkeypatch):
-    from pipeline import gpu_kernels
+    from pipeline.tools.gpu import kernels as gpu_kernels
 
     def broken(ctx):
         raise RuntimeError("kernel exploded\nsecond line")
@@ -125,7 +125,7 @@ def synthetic_result() -> dict:
     scale = {"shape": "llama3_8b", "weights": "random", "stage": "fuse", "device": "cuda", "gpu": "NVIDIA H200",
              "dtype": "bfloat16", "method": "respinquant", "quant_weights": "gptq", "peak_rss_gib": 20.0,
              "peak_gpu_gib": 31.5, "seconds": 40.0, "measured": "streamed fuse of 2 layers", "layers": 2,
-             "projected_seconds": 500.0, "command": "python -m pipeline.gpu_check"}
+             "projected_seconds": 500.0, "command": "python -m pipeline.tools.gpu.check"}
     total = {**scale, "stage": "paper_protocol_total", "seconds": 1800.0, "projected_seconds": 1800.0, "layers": 32,
              "paper_seconds_h100": 2520.0, "ratio_to_paper": 0.714, "included": ["fuse"], "missing": [],
              "note": "calibration statistics and evaluation not included; random weights"}
@@ -181,4 +181,4 @@ def test_prepared_command_fits_the_device_limits():
     command = gpu_prepare.run_command(".gpu_carry", 330)
     assert len(command) <= 2000
     assert ".gpu_carry/whl/*.whl" in command and "RSQ_DATA_DIR=$PWD/.gpu_carry/data" in command
-    assert "python3 -m pipeline.gpu_check --budget 330 --out $OUT" in command
+    assert "python3 -m pipeline.tools.gpu.check --budget 330 --out $OUT" in command

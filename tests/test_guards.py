@@ -9,14 +9,15 @@ import math
 import pytest
 import torch
 
-from pipeline import artifacts
-from pipeline.artifacts import save_tensors, write_csv, write_json
-from pipeline.data import eval_windows
-from pipeline.errors import PipelineError
-from pipeline.perplexity import _ppl
-from pipeline.quantizers import QuantSpec
-from pipeline.train import TrainSpec, TrainState, train_rotations
-from test_bad_inputs import _one_line_error, _stage
+from conftest import model_cfg
+from pipeline.infra import artifacts
+from pipeline.infra.artifacts import save_tensors, write_csv, write_json
+from pipeline.eval.data import eval_windows
+from pipeline.infra.errors import PipelineError
+from pipeline.eval.perplexity import _ppl
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.train.loop import TrainSpec, TrainState, train_rotations
+from helpers import QUAROT, SPIN, W4A4, one_line_error, prepared_model, run_stage, training_setup
 
 
 @pytest.mark.parametrize("kwargs,expected", [
@@ -74,14 +75,12 @@ def test_max_windows_zero_or_negative_is_refused():
 
 
 def _tiny_training():
-    from test_train import SPIN, _setup
-
-    return _setup(SPIN)
+    return training_setup(SPIN)
 
 
 def test_training_stops_when_an_update_makes_the_rotations_non_finite(monkeypatch):
     """A NaN update is caught before the step counts: nothing is checkpointed."""
-    from pipeline import cayley
+    from pipeline.rotation import cayley
 
     model, rotations, windows = _tiny_training()
     real = cayley.CayleySGD.step
@@ -104,7 +103,7 @@ def test_training_stops_when_an_update_makes_the_rotations_non_finite(monkeypatc
 def test_training_checks_the_loss_after_the_last_step():
     """The last update is checked too: a loss that is NaN after it stops the stage (the set is not
     published); here the last checkpoint callback poisons a weight, as a diverged update would."""
-    from pipeline.adapters import adapter_for
+    from pipeline.model.adapters import adapter_for
 
     model, rotations, windows = _tiny_training()
 
@@ -129,21 +128,21 @@ def test_training_checks_the_loss_after_the_last_step():
     ("eval.py", "eval.max_windows=0", "error: eval.max_windows=0: must be null or an integer >= 1", "eval"),
 ])
 def test_stage_settings_refused_before_any_work(tmp_path, script, override, expected, output):
-    _one_line_error(_stage(tmp_path, script, "+model=tiny_llama", "method=spinquant", override), expected)
+    one_line_error(run_stage(tmp_path, script, "+model=tiny_llama", "method=spinquant", override), expected)
     assert not (tmp_path / "a" / output).exists() and not (tmp_path / "m").exists()
 
 
 def test_artifacts_path_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "a").write_text("not a folder")
-    _one_line_error(_stage(tmp_path, "calibrate.py", "+model=tiny_llama"), "is a file, not a folder")
+    one_line_error(run_stage(tmp_path, "calibrate.py", "+model=tiny_llama"), "is a file, not a folder")
 
 
 def test_non_utf8_calibration_text_names_the_file(tmp_path):
     data = tmp_path / "data" / "enwiki-gensim"
     data.mkdir(parents=True)
     (data / "enwiki.txt").write_bytes(bytes(range(128, 256)) * 64)
-    proc = _stage(tmp_path, "calibrate.py", "+model=tiny_llama", "data=enwiki", f"data.dir={tmp_path / 'data'}")
-    _one_line_error(proc, "enwiki.txt is not UTF-8 text (byte 0: invalid start byte)")
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "data=enwiki", f"data.dir={tmp_path / 'data'}")
+    one_line_error(proc, "enwiki.txt is not UTF-8 text (byte 0: invalid start byte)")
     assert not (tmp_path / "a" / "calib").exists()
 
 
@@ -152,11 +151,9 @@ def test_a_checkpoint_is_only_evaluated_as_what_it_is(tmp_path):
     refused in one line: results are never labelled with what the checkpoint is not."""
     from dataclasses import replace
 
-    from conftest import model_cfg
-    from pipeline.checkpoint import check_made_for, save_quantized
-    from test_checkpoint import QUAROT, W4A4, _prepared
+    from pipeline.export.checkpoint import check_made_for, save_quantized
 
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint, {"model_name": "tiny_llama"})
     assert check_made_for(tmp_path / "ckpt", model_cfg("tiny_llama"), QUAROT, W4A4)["method"]["name"] == "quarot"
     with pytest.raises(PipelineError, match=r"was made for model tiny_llama \(fingerprint .*\), not for model=tiny_qwen2"):
@@ -174,15 +171,15 @@ def test_a_checkpoint_is_only_evaluated_as_what_it_is(tmp_path):
 def test_eval_stage_refuses_another_models_checkpoint(tmp_path):
     common = ["method=quarot", "quant=w16a16", "calib.n_windows=2", "calib.seqlen=32", "calib.stats_windows=1"]
     for script in ("calibrate.py", "train_rotation.py", "fuse.py"):
-        assert _stage(tmp_path, script, "+model=tiny_qwen2", *common).returncode == 0
-    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", *common, "eval.tasks=[]"),
+        assert run_stage(tmp_path, script, "+model=tiny_qwen2", *common).returncode == 0
+    one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_llama", *common, "eval.tasks=[]"),
                     "was made for model tiny_qwen2")
     assert not (tmp_path / "m" / "eval").exists()
 
     # the same checkpoint on a user's own text (eval.corpus): same windowing, keys corpus_*
     corpus = tmp_path / "domain.txt"
     corpus.write_text("\ufeffFirst line of my domain.\r\n\r\n" + "More text about the domain. " * 200 + "\n")
-    proc = _stage(tmp_path, "eval.py", "+model=tiny_qwen2", *common, "eval.tasks=[]", f"eval.corpus={corpus}",
+    proc = run_stage(tmp_path, "eval.py", "+model=tiny_qwen2", *common, "eval.tasks=[]", f"eval.corpus={corpus}",
                   "eval.seqlen=64", "eval.max_windows=3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "m" / "eval" / "quarot_w16a16.json").read_text())
@@ -193,7 +190,7 @@ def test_eval_stage_refuses_another_models_checkpoint(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     for path, message in ((tmp_path / "none.txt", "no such file"), (empty, "the file holds no text")):
-        _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_qwen2", *common, f"eval.corpus={path}"),
+        one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_qwen2", *common, f"eval.corpus={path}"),
                         f"eval.corpus={path}: {message}")
 
 
@@ -202,13 +199,12 @@ def test_unsupported_family_is_refused_before_loading(tmp_path):
     stages and the whole-model loader alike."""
     from transformers import AutoConfig
 
-    from conftest import model_cfg
-    from pipeline.models import load_model
+    from pipeline.model.load import load_model
 
     folder = tmp_path / "gemma2"
     AutoConfig.for_model("gemma2", vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32).save_pretrained(folder)
-    _one_line_error(_stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"model.path={folder}"),
+    one_line_error(run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"model.path={folder}"),
                     "error: unsupported model family model_type='gemma2'; supported: llama (LlamaForCausalLM)")
     assert not (tmp_path / "a").exists()
     cfg = model_cfg("tiny_llama")
@@ -233,8 +229,8 @@ def test_checkpoint_code_never_runs(tmp_path):
     (folder / "configuration_evil.py").write_text(code)
     (folder / "modeling_evil.py").write_text(code)
     for script in ("calibrate.py", "train_rotation.py"):
-        proc = _stage(tmp_path, script, "+model=tiny_llama", f"model.path={folder}", "method=spinquant")
-        _one_line_error(proc, "remote code is never run")
+        proc = run_stage(tmp_path, script, "+model=tiny_llama", f"model.path={folder}", "method=spinquant")
+        one_line_error(proc, "remote code is never run")
     assert not marker.exists()
 
 
@@ -243,10 +239,9 @@ def test_edited_hf_config_or_tokenizer_of_a_checkpoint_is_refused(tmp_path):
     hashed into the index like the shards: an edit is one line naming the file."""
     import json
 
-    from pipeline.checkpoint import load_quantized, save_quantized
-    from test_checkpoint import QUAROT, W4A4, _prepared
+    from pipeline.export.checkpoint import load_quantized, save_quantized
 
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, W4A4)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, W4A4)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, W4A4, fingerprint)
     load_quantized(tmp_path / "ckpt")
     config = tmp_path / "ckpt" / "config.json"
@@ -263,7 +258,7 @@ def test_disk_full_is_one_line():
 
     from safetensors import SafetensorError
 
-    from pipeline.config import _os_failure
+    from pipeline.infra.config import _os_failure
 
     assert _os_failure(OSError(errno.ENOSPC, "No space left on device", "/x/y")) == "No space left on device (/x/y)"
     full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.hadamard import (
+from pipeline.rotation.hadamard import (
     NoHadamardConstruction,
     fast_hadamard_transform,
     hadamard_matrix,
@@ -189,7 +189,7 @@ def test_orthogonal_hadamard_random_signs(n):
 
 @pytest.mark.parametrize("n", [6, 10])
 def test_orthogonal_fallback_warns(n, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.hadamard"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.rotation.hadamard"):
         Q = orthogonal_hadamard(n, seed=3)
     assert (Q @ Q.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-12
     assert any(f"n={n}" in r.getMessage() and "random orthogonal" in r.getMessage() for r in caplog.records)

@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 
-from pipeline.hadamard import fast_hadamard_transform
-from pipeline.kernels import (cpu_ops, hadamard_base, reference_gemm_int4, reference_gemm_w4a4,
+from pipeline.rotation.hadamard import fast_hadamard_transform
+from pipeline.export.kernels import (cpu_ops, hadamard_base, reference_gemm_int4, reference_gemm_w4a4,
                               reference_quantize_act, reference_transition)
-from pipeline.quantizers import quantize_asym
-from pipeline.weight_quant import pack, unpack
+from pipeline.quant.quantizers import quantize_asym
+from pipeline.quant.codes import pack, unpack
 
 SEED = int.from_bytes(os.urandom(4), "little")
 SHAPES = [(1, 33, 32), (7, 5, 64), (17, 129, 96), (33, 31, 576)]  # (M, N, K)
@@ -122,8 +122,8 @@ def test_bad_shapes_are_one_clear_error(ops, call, message):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA host builds the CUDA kernels instead")
 def test_cuda_ops_refused_in_one_line_without_cuda():
-    from pipeline.errors import PipelineError
-    from pipeline.kernels import cuda_ops
+    from pipeline.infra.errors import PipelineError
+    from pipeline.export.kernels import cuda_ops
 
     with pytest.raises(PipelineError, match="the CUDA kernels need a CUDA build of torch and a GPU"):
         cuda_ops()
@@ -132,7 +132,7 @@ def test_cuda_ops_refused_in_one_line_without_cuda():
 def test_staged_sources_are_content_addressed(tmp_path, monkeypatch):
     """Two checkouts of the same kernel sources share one build (same name and compiled paths); a
     changed header or flag gives a new one; the staged copy is never rewritten."""
-    from pipeline.kernels import staged_sources
+    from pipeline.export.kernels import staged_sources
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     checkouts = []
@@ -151,6 +151,6 @@ def test_staged_sources_are_content_addressed(tmp_path, monkeypatch):
     assert staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O2"])[0] != first[0]
     (checkouts[1] / "k.h").write_text("#define K 2\n")
     assert staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O3"])[0] != first[0]
-    from pipeline.errors import PipelineError
+    from pipeline.infra.errors import PipelineError
     with pytest.raises(PipelineError, match="sources are missing"):
         staged_sources("rsq_t", [tmp_path / "nowhere.cpp"], ["-O3"])

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from pipeline import load_quantized
-from pipeline.checkpoint import save_quantized
-from pipeline.errors import PipelineError
-from pipeline.hadamard import online_hadamard
-from pipeline.linear4bit import Linear4bit
-from pipeline.quantizers import QuantSpec, quantize_asym
-from test_checkpoint import QUAROT, _prepared
+from pipeline.export.checkpoint import save_quantized
+from pipeline.infra.errors import PipelineError
+from pipeline.rotation.hadamard import online_hadamard
+from pipeline.export.linear4bit import Linear4bit
+from pipeline.quant.quantizers import QuantSpec, quantize_asym
+from helpers import QUAROT, prepared_model
 
 FP16_EPS = 2.0 ** -10
 
@@ -57,7 +57,7 @@ def test_from_float_reads_the_codes_of_a_16_bit_weight(dtype):
 
 def test_whole_model_matches_fake_quant_within_fp16_rounding(tmp_path, tokens):
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, quant)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, quant)
     save_quantized(tmp_path / "ckpt", model, tok, QUAROT, quant, fingerprint)
     fake, kernel = load_quantized(tmp_path / "ckpt"), load_quantized(tmp_path / "ckpt", backend="kernel")
     n_kernel = sum(isinstance(m, Linear4bit) for m in kernel.modules())
@@ -73,7 +73,7 @@ def test_kernel_backend_refusals(tmp_path):
     with pytest.raises(PipelineError, match="backend='gpu': choose one of fake, kernel"):
         load_quantized(tmp_path, backend="gpu")
     quant = QuantSpec(w_bits=4, a_bits=8, kv_bits=4)
-    model, tok, fingerprint = _prepared("tiny_llama", QUAROT, quant)
+    model, tok, fingerprint = prepared_model("tiny_llama", QUAROT, quant)
     save_quantized(tmp_path / "w4a8", model, tok, QUAROT, quant, fingerprint)
     with pytest.raises(PipelineError, match="backend=kernel runs W4A4 with per-channel weight scales; .* is W4A8"):
         load_quantized(tmp_path / "w4a8", backend="kernel")

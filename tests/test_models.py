@@ -7,9 +7,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
-from pipeline.errors import PipelineError
-from pipeline.models import converted_gguf_folder, load_model, model_fingerprint
+from pipeline.model.adapters import adapter_for
+from pipeline.infra.errors import PipelineError
+from pipeline.model.load import converted_gguf_folder, load_model, model_fingerprint
 
 
 @pytest.mark.parametrize("name,arch,bias", [

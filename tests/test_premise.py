@@ -1,4 +1,4 @@
-"""The premise diagnostic (pipeline/premise.py): directions, spectra, split-half, cells on a tiny model."""
+"""The premise diagnostic (pipeline/tools/premise.py): directions, spectra, split-half, cells on a tiny model."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import model_cfg
 
-from pipeline import premise
-from pipeline.cayley import CayleySGD, orthonormalize
+from pipeline.tools import premise
+from pipeline.rotation.cayley import CayleySGD, orthonormalize
 from pipeline.methods import MethodSpec, quant_spec
-from pipeline.models import load_model
+from pipeline.model.load import load_model
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +155,7 @@ def test_cells_skip_resume_and_deadline(tmp_path):
 
 def test_window_sample_is_nested():
     """The running sums rely on it: the first N of a larger seeded sample are the N-window sample."""
-    from pipeline.data import sample_windows
+    from pipeline.eval.data import sample_windows
 
     ids = torch.arange(5000)
     assert torch.equal(sample_windows(ids, 64, 32, 3)[:16], sample_windows(ids, 16, 32, 3))

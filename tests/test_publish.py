@@ -11,13 +11,13 @@ import textwrap
 import pytest
 
 from conftest import ROOT
-from pipeline import artifacts
-from pipeline.artifacts import atomic_dir, publish
+from pipeline.infra import artifacts
+from pipeline.infra.artifacts import atomic_dir, publish
 
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pipeline.artifacts import atomic_dir
+    from pipeline.infra.artifacts import atomic_dir
     path, me, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     for i in range(n):
         with atomic_dir(path) as tmp:
@@ -94,7 +94,7 @@ def test_kill_after_the_swap_leaves_the_new_folder_and_the_next_run_cleans_up(tm
     killed = textwrap.dedent("""
         import os, shutil, sys
         from pathlib import Path
-        from pipeline.artifacts import atomic_dir
+        from pipeline.infra.artifacts import atomic_dir
         shutil.rmtree = lambda *a, **k: os._exit(9)  # killed between the swap and the clean-up
         with atomic_dir(Path(sys.argv[1])) as tmp:
             (tmp / "x").write_text("new")
@@ -131,7 +131,7 @@ def test_publish_a_file_over_a_file(tmp_path):
 STAGE_RUN = textwrap.dedent("""
     import sys
     from omegaconf import OmegaConf
-    from pipeline.tracking import stage_run
+    from pipeline.infra.tracking import stage_run
     cfg = OmegaConf.create({"model": {"name": "tiny"}, "mlflow": {"tracking_uri": sys.argv[1]}})
     with stage_run(cfg, "probe"):
         pass

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.quantizers import QuantSpec, quantize_asym, quantize_weight_rtn, sym_scale_mse
+from pipeline.quant.codes import sym_scale_mse
+from pipeline.quant.quantizers import QuantSpec, quantize_asym, quantize_weight_rtn
 
 
 def _gen(seed: int = 0) -> torch.Generator:

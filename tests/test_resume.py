@@ -6,9 +6,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
-from pipeline.artifacts import load_tensors
+from pipeline.infra.artifacts import load_tensors
 from pipeline.steps import calibrate, rotate
-from pipeline import train as train_module
+from pipeline.train import loop as train_module
 
 
 def _cfg(tmp_path, tag: str):

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from pipeline.config import compose_pipeline
-from pipeline.errors import PipelineError
-from pipeline.seed_runs import seed_config, stage_plan
-from pipeline.seed_stats import mean_std, paired_ratio, seed_ppls, student_t_cdf, student_t_quantile
+from pipeline.infra.config import compose_pipeline
+from pipeline.infra.errors import PipelineError
+from pipeline.tools.seed_runs import seed_config, stage_plan
+from pipeline.eval.seed_stats import mean_std, paired_ratio, seed_ppls, student_t_cdf, student_t_quantile
 
 
 def _nll(seeds: int, windows: int, seed: int, scale: float = 0.05) -> torch.Tensor:
@@ -145,7 +145,7 @@ def test_the_seed_reaches_every_seeded_choice():
 
 
 def test_seed_runs_refuse_seed_zero(capsys):
-    from pipeline.seed_runs import main
+    from pipeline.tools.seed_runs import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--seeds", "0"])

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
+from pipeline.model.adapters import adapter_for
 from pipeline.methods import make_rotations, prepare_base
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.stream_train import stream_for_training
-from pipeline.streaming import is_materialized, open_model
-from pipeline.train import TrainSpec, TrainState, train_rotations
-from pipeline.trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
-from test_train import A4, LAYERWISE, SPIN
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.train.streamed import stream_for_training
+from pipeline.model.streaming import is_materialized, open_model
+from pipeline.train.loop import TrainSpec, TrainState, train_rotations
+from pipeline.train.trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
+from helpers import A4, LAYERWISE_TRAINED, SPIN, one_line_error, run_stage
 
 SPEC = TrainSpec(steps=3, lr=1.0, batch_size=2)
 ONE_STEP = TrainSpec(steps=1, lr=1.0, batch_size=2)
@@ -49,10 +49,10 @@ def _streamed(name: str, method, quant: QuantSpec, tmp_path, on_forward=None, sp
 
 @pytest.mark.parametrize("name,method,quant,spec", [
     ("tiny_llama", SPIN, A4, SPEC),
-    ("tiny_llama", LAYERWISE, A4, SPEC),
+    ("tiny_llama", LAYERWISE_TRAINED, A4, SPEC),
     # biases, and RTN weights in training: one step, since later 4-bit weight roundings flip on the
     # rounding differences of the embedding/lm_head rotations (activations instead of weights)
-    ("tiny_qwen2", LAYERWISE, QuantSpec(w_bits=4, a_bits=4, kv_bits=4, w_mse_clip=False), ONE_STEP),
+    ("tiny_qwen2", LAYERWISE_TRAINED, QuantSpec(w_bits=4, a_bits=4, kv_bits=4, w_mse_clip=False), ONE_STEP),
 ])
 def test_streamed_training_equals_whole_model(tmp_path, name, method, quant, spec):
     """Same losses and trained rotations as the whole-model path, with and without its checkpointing."""
@@ -77,7 +77,7 @@ def test_one_decoder_layer_materialised_at_a_time(tmp_path):
         seen.append(sum(loaded))
         assert is_materialized(adapter.embedding(model)) and is_materialized(adapter.lm_head(model))
 
-    _streamed("tiny_llama", LAYERWISE, A4, tmp_path, on_forward=probe)
+    _streamed("tiny_llama", LAYERWISE_TRAINED, A4, tmp_path, on_forward=probe)
     n_layers = model_cfg("tiny_llama").config.num_hidden_layers
     # forward + recompute per training window, then one forward per window of the final-loss check
     assert len(seen) == SPEC.steps * SPEC.batch_size * n_layers * 2 + SPEC.batch_size * n_layers
@@ -99,24 +99,23 @@ def test_stage_streams_and_gives_the_whole_model_rotations(tmp_path):
     leaves no spill folder."""
     import shutil
 
-    from pipeline.artifacts import load_tensors
-    from test_bad_inputs import _one_line_error, _stage
+    from pipeline.infra.artifacts import load_tensors
 
     common = ["+model=tiny_llama", "method=layerwise", "calib.n_windows=2", "calib.seqlen=32",
               "calib.stats_windows=1", "train.steps=2", "train.batch_size=1", "train.checkpoint_every=0"]
     env = {"RSQ_CACHE_DIR": str(tmp_path / "cache")}
     streamed, whole = tmp_path / "streamed", tmp_path / "whole"
     streamed.mkdir()
-    assert _stage(streamed, "calibrate.py", *common, env=env).returncode == 0
+    assert run_stage(streamed, "calibrate.py", *common, env=env).returncode == 0
     for stage in ("global", "layerwise"):
-        proc = _stage(streamed, "train_rotation.py", *common, f"rotation_stage={stage}", "train.stream=true", env=env)
+        proc = run_stage(streamed, "train_rotation.py", *common, f"rotation_stage={stage}", "train.stream=true", env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
     shutil.copytree(streamed, whole)
-    proc = _stage(whole, "train_rotation.py", *common, "rotation_stage=layerwise", "train.stream=false", env=env)
+    proc = run_stage(whole, "train_rotation.py", *common, "rotation_stage=layerwise", "train.stream=false", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     sets = [load_tensors(next((run / "a" / "rotations").glob("*/layerwise.safetensors")))[0] for run in (streamed, whole)]
     assert sets[0].keys() == sets[1].keys()
     assert max((sets[0][k] - sets[1][k]).abs().max().item() for k in sets[0]) < 1e-5
     assert not list((tmp_path / "cache" / "spill").glob(".spill-*"))
-    _one_line_error(_stage(tmp_path, "train_rotation.py", *common, "train.stream=maybe"),
+    one_line_error(run_stage(tmp_path, "train_rotation.py", *common, "train.stream=maybe"),
                     "error: train.stream='maybe': choose true, false or auto")

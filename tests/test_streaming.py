@@ -9,28 +9,26 @@ import json
 import pytest
 import torch
 
-from conftest import model_cfg
+from conftest import ROOT, SHARED_DATA, model_cfg
 from pipeline import load_quantized
-from pipeline.act_stats import activation_stats
-from pipeline.adapters import adapter_for
-from pipeline.checkpoint import INDEX, open_quantized, save_quantized, shard_name
-from pipeline.errors import PipelineError
+from pipeline.eval.act_stats import activation_stats
+from pipeline.model.adapters import adapter_for
+from pipeline.export.checkpoint import INDEX, open_quantized, save_quantized, shard_name
+from pipeline.infra.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
-from pipeline.models import load_model, model_fingerprint
-from pipeline.perplexity import perplexity, perplexity_streamed
-from pipeline.quantizers import QuantSpec
-from pipeline.stream_fuse import fuse_streamed
-from pipeline.streaming import SafetensorsSource, StateDictSource, empty_model, is_materialized, open_model
-from test_checkpoint import QUAROT
-from test_invariance import _random_per_layer_set
-from test_subspace import LAYERWISE, RESPIN, _subspace
+from pipeline.model.load import load_model, model_fingerprint
+from pipeline.eval.perplexity import perplexity, perplexity_streamed
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.fuse.streamed import fuse_streamed
+from pipeline.model.streaming import SafetensorsSource, StateDictSource, empty_model, is_materialized, open_model
+from helpers import LAYERWISE, QUAROT, RESPIN, low_rank_subspace, one_line_error, random_per_layer_set, run_stage
 
 CALIB = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
 
 
 def _rotations(name: str, method: MethodSpec, model):
     if method.per_layer:
-        return _random_per_layer_set(load_model(model_cfg(name))[0].double(), seed=3)
+        return random_per_layer_set(load_model(model_cfg(name))[0].double(), seed=3)
     return make_rotations(method, model)
 
 
@@ -39,7 +37,7 @@ def _whole_and_streamed(tmp_path, name, method, rank, quant, source_of=None):
     model, tok = load_model(model_cfg(name))
     fingerprint = model_fingerprint(model)
     rotations = _rotations(name, method, model)
-    sub = _subspace(model, rotations, rank) if rank is not None else None
+    sub = low_rank_subspace(model, rotations, rank) if rank is not None else None
     original = load_model(model_cfg(name))[0]
     prepare_model(model, method, rotations, quant, sub, CALIB)
     rows = activation_stats(model, CALIB[:2])
@@ -105,8 +103,8 @@ def test_at_most_two_layers_materialised(tmp_path):
 
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method="gptq")
     fuse_streamed(tmp_path / "ckpt", skeleton, tok, StateDictSource(original.state_dict()), RESPIN,
-                  _random_per_layer_set(original.double(), seed=1), quant, fingerprint,
-                  _subspace(original, _random_per_layer_set(original, seed=1), 4), CALIB, CALIB[:1], on_layer=probe)
+                  random_per_layer_set(original.double(), seed=1), quant, fingerprint,
+                  low_rank_subspace(original, random_per_layer_set(original, seed=1), 4), CALIB, CALIB[:1], on_layer=probe)
     assert len(counts) == 5 and max(counts) <= 2
     assert not any(is_materialized(layer) for layer in layers)  # every layer freed at the end
     assert heads == [(False, False)] * 5  # the embedding is parked and lm_head not read during the layers
@@ -129,7 +127,7 @@ def test_layer_sequential_perplexity_equals_whole_model(tmp_path, name, method, 
 def test_open_model_streams_a_local_folder(tmp_path):
     original, _ = load_model(model_cfg("tiny_llama"))
     original.save_pretrained(tmp_path / "hf")
-    from pipeline.models import byte_tokenizer
+    from pipeline.model.load import byte_tokenizer
 
     byte_tokenizer().save_pretrained(tmp_path / "hf")
     cfg = model_cfg("tiny_llama")
@@ -170,19 +168,17 @@ def test_streamed_checkpoint_missing_shard_refused_before_any_layer(tmp_path):
 
 
 def test_stage_level_bad_inputs_are_one_line(tmp_path):
-    from test_bad_inputs import _one_line_error, _stage
-
-    _one_line_error(_stage(tmp_path, "fuse.py", "+model=tiny_llama", "device=cuda"), "device=cuda: this host has no")
-    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=maybe"),
+    one_line_error(run_stage(tmp_path, "fuse.py", "+model=tiny_llama", "device=cuda"), "device=cuda: this host has no")
+    one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=maybe"),
                     "eval.stream='maybe': choose true, false or auto")
-    _one_line_error(_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=true"),
+    one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_llama", "eval.stream=true"),
                     "zero-shot needs the whole model in memory")
     assert not (tmp_path / "a").exists() and not (tmp_path / "m").exists()
 
 
 def test_layer_sequential_activation_stats_equal_whole_model():
-    from pipeline.act_stats import activation_stats_streamed
-    from pipeline.streaming import SourceLayers
+    from pipeline.eval.act_stats import activation_stats_streamed
+    from pipeline.model.streaming import SourceLayers
 
     windows = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(4))
     for name in ("tiny_llama", "tiny_qwen2"):
@@ -195,11 +191,11 @@ def test_layer_sequential_activation_stats_equal_whole_model():
 
 
 def test_lazy_rotation_set_approximates_like_the_loaded_one(tmp_path):
-    from pipeline.artifacts import open_tensors, save_tensors
-    from pipeline.subspace import ApproxSpec, approximate_rotations
+    from pipeline.infra.artifacts import open_tensors, save_tensors
+    from pipeline.rotation.subspace import ApproxSpec, approximate_rotations
 
     model, _ = load_model(model_cfg("tiny_llama"))
-    rotations = {k: v.to(torch.float32) for k, v in _random_per_layer_set(model.double(), seed=2).items()}
+    rotations = {k: v.to(torch.float32) for k, v in random_per_layer_set(model.double(), seed=2).items()}
     save_tensors(tmp_path / "set.safetensors", rotations, {"fingerprint": "x"})
     lazy, _ = open_tensors(tmp_path / "set.safetensors", "x")
     eager, rows = approximate_rotations(rotations, 2, ApproxSpec(rank=8), progress=False)
@@ -214,18 +210,16 @@ def test_scale_bench_runs_every_stage_on_a_random_shape(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT, SHARED_DATA
-
     env = {**os.environ, "RSQ_CACHE_DIR": str(tmp_path / "cache"), "RSQ_DATA_DIR": str(SHARED_DATA)}
     out = tmp_path / "scale.json"
-    bench = [sys.executable, "-m", "pipeline.scale_bench", "--shape", "tiny_llama", "--dtype", "float32",
+    bench = [sys.executable, "-m", "pipeline.tools.scale_bench", "--shape", "tiny_llama", "--dtype", "float32",
              "--calib-seqlen", "64", "--eval-seqlen", "128", "--train-steps", "1", "--out", str(out)]
     proc = subprocess.run([*bench, "--method", "respinquant", "--train-stream", "true", "--weights", "rtn"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [r["stage"] for r in rows] == ["calibrate", "rotate_global", "rotate_layerwise", "approximate", "fuse", "eval"]
-    from pipeline.scale_bench import applies  # QuaRot: neither per-layer stage applies
+    from pipeline.tools.scale_bench import applies  # QuaRot: neither per-layer stage applies
 
     assert not applies("rotate_layerwise", "quarot") and not applies("approximate", "quarot")
     assert applies("approximate", "respinquant") and not applies("approximate", "layerwise")
@@ -237,7 +231,7 @@ def test_large_tensors_fuse_in_row_chunks_with_the_whole_products_values(monkeyp
     """A (3000, 64) embedding over the chunk size goes through in 1024-row chunks (three float64
     products, none of the whole tensor) and ends equal to ``W @ R``; a writer (rows mixed) is whole."""
     import pipeline.methods as methods
-    from pipeline.surgery import reader, writer
+    from pipeline.surgery.weights import reader, writer
 
     g = torch.Generator().manual_seed(0)
     emb, out = torch.nn.Embedding(3000, 64).double(), torch.nn.Linear(3000, 64, bias=False).double()

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
-from pipeline.cayley import orthonormalize
-from pipeline.errors import PipelineError
+from pipeline.model.adapters import adapter_for
+from pipeline.rotation.cayley import orthonormalize
+from pipeline.infra.errors import PipelineError
 from pipeline.methods import MethodSpec, check_subspace, prepare_model
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.surgery import replace_norms
-from pipeline.subspace import ApproxSpec, adaptive_rank, approximate, approximate_set, restore_float64
-from pipeline.transitions import LowRankTransitions
-from test_invariance import MODELS, _f64_model, _logits, _max_rel, _random_per_layer_set
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.surgery.weights import replace_norms
+from pipeline.rotation.subspace import ApproxSpec, adaptive_rank, approximate, approximate_set, restore_float64
+from pipeline.surgery.transitions import LowRankTransitions
+from helpers import LAYERWISE, MODELS, RESPIN, f64_model, low_rank_subspace, max_rel_error, model_logits, random_per_layer_set
 
 D = 48
 
@@ -110,33 +110,24 @@ def test_bad_energy(energy):
 
 # --- inside a fused model: float64, quantization off ---
 
-LAYERWISE = MethodSpec(name="layerwise", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True, per_layer=True)
-RESPIN = MethodSpec(name="respinquant_chained", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True,
-                    per_layer=True, transition="low_rank", chained=True)
 PAPER = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True,
                    per_layer=True, transition="low_rank", chained=False)
 
 
-def _subspace(model, rotations, rank, chained: bool = True) -> dict[str, torch.Tensor]:
-    dims = adapter_for(model).dims(model)
-    bases = {k: orthonormalize(v.double()) for k, v in rotations.items() if not k.startswith("R2.")}
-    return approximate_set(bases, dims.n_layers, ApproxSpec(rank=rank), progress=False, chained=chained)[0]
-
-
 def _original(name, tokens):
-    reference = _f64_model(name)
+    reference = f64_model(name)
     replace_norms(reference, adapter_for(reference))
-    return _logits(reference, tokens)
+    return model_logits(reference, tokens)
 
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("method", [RESPIN, PAPER], ids=["chained", "paper"])
 def test_full_rank_reproduces_exact_layerwise_float64(name, method, tokens):
-    rotations = _random_per_layer_set(_f64_model(name), seed=7)
-    exact = _logits(prepare_model(_f64_model(name), LAYERWISE, rotations, QuantSpec()), tokens)
-    model = _f64_model(name)
-    prepare_model(model, method, rotations, QuantSpec(), _subspace(model, rotations, "full", method.chained))
-    assert _max_rel(_logits(model, tokens), exact) <= 1e-9
+    rotations = random_per_layer_set(f64_model(name), seed=7)
+    exact = model_logits(prepare_model(f64_model(name), LAYERWISE, rotations, QuantSpec()), tokens)
+    model = f64_model(name)
+    prepare_model(model, method, rotations, QuantSpec(), low_rank_subspace(model, rotations, "full", method.chained))
+    assert max_rel_error(model_logits(model, tokens), exact) <= 1e-9
 
 
 def test_paper_variant_function_error_is_measured_float64(tokens, capsys):
@@ -144,13 +135,13 @@ def test_paper_variant_function_error_is_measured_float64(tokens, capsys):
     function error at r < D is that of the dropped part of ΔT. Measured (printed), not asserted to be
     zero; it must shrink to float64 rounding at r = D, and at r = 0 be the uncorrected basis mismatch
     (the trained bases fused with identity transitions)."""
-    rotations = _random_per_layer_set(_f64_model("tiny_llama"), seed=7)
+    rotations = random_per_layer_set(f64_model("tiny_llama"), seed=7)
     original = _original("tiny_llama", tokens)
     errors = {}
     for rank in (0, 8, 32, 96, "full"):
-        model = _f64_model("tiny_llama")
-        prepare_model(model, PAPER, rotations, QuantSpec(), _subspace(model, rotations, rank, chained=False))
-        errors[rank] = _max_rel(_logits(model, tokens), original)
+        model = f64_model("tiny_llama")
+        prepare_model(model, PAPER, rotations, QuantSpec(), low_rank_subspace(model, rotations, rank, chained=False))
+        errors[rank] = max_rel_error(model_logits(model, tokens), original)
     with capsys.disabled():
         print("\npaper-variant max relative logit error (tiny_llama, random per-layer set, float64):",
               ", ".join(f"r={r}: {e:.2e}" for r, e in errors.items()))
@@ -162,11 +153,11 @@ def test_paper_variant_function_error_is_measured_float64(tokens, capsys):
 def test_paper_and_chained_subspaces_differ():
     """Beyond the first add the paper's variant approximates the trained transition, the chained one
     the gap left by the chain: different Q, M (and a fuse refuses the other variant's artifact)."""
-    from pipeline.subspace import check_subspace_variant
+    from pipeline.rotation.subspace import check_subspace_variant
 
-    model = _f64_model("tiny_llama")
-    rotations = _random_per_layer_set(model, seed=7)
-    chained, paper = _subspace(model, rotations, 8, True), _subspace(model, rotations, 8, False)
+    model = f64_model("tiny_llama")
+    rotations = random_per_layer_set(model, seed=7)
+    chained, paper = low_rank_subspace(model, rotations, 8, True), low_rank_subspace(model, rotations, 8, False)
     assert torch.equal(chained["Q.attn.0"], paper["Q.attn.0"])  # both start from A_0
     assert (chained["M.ffn.1"] - paper["M.ffn.1"]).abs().max() > 1e-3
     check_subspace_variant({"chained": "false"}, False, "s.safetensors")
@@ -180,19 +171,19 @@ def test_paper_and_chained_subspaces_differ():
 @pytest.mark.parametrize("name", MODELS)
 def test_zero_rank_reproduces_identity_transitions_float64(name, tokens):
     """r = 0: every transition is I, so every basis is A_0: the global model with R1 = A_0, exactly."""
-    rotations = _random_per_layer_set(_f64_model(name), seed=7)
+    rotations = random_per_layer_set(f64_model(name), seed=7)
     global_set = {"R1": rotations["A.0"], **{k: v for k, v in rotations.items() if k.startswith("R2.")}}
     method = MethodSpec(name="global", r1="hadamard", r2="hadamard", online_r3=True, online_r4=True)
-    identity = prepare_model(_f64_model(name), method, global_set, QuantSpec())
-    model = _f64_model(name)
-    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, 0))
-    assert _max_rel(_logits(model, tokens), _logits(identity, tokens)) <= 1e-9
+    identity = prepare_model(f64_model(name), method, global_set, QuantSpec())
+    model = f64_model(name)
+    prepare_model(model, RESPIN, rotations, QuantSpec(), low_rank_subspace(model, rotations, 0))
+    assert max_rel_error(model_logits(model, tokens), model_logits(identity, tokens)) <= 1e-9
     for buf in model.rsq_transitions.buffers():
         assert buf.numel() == 0
-    ref = prepare_model(_f64_model(name), method, global_set, QuantSpec(w_bits=4, a_bits=4, kv_bits=4))
-    quantized = _f64_model(name)
-    prepare_model(quantized, RESPIN, rotations, QuantSpec(w_bits=4, a_bits=4, kv_bits=4), _subspace(model, rotations, 0))
-    assert _max_rel(_logits(quantized, tokens), _logits(ref, tokens)) <= 1e-9  # same weights, same grid
+    ref = prepare_model(f64_model(name), method, global_set, QuantSpec(w_bits=4, a_bits=4, kv_bits=4))
+    quantized = f64_model(name)
+    prepare_model(quantized, RESPIN, rotations, QuantSpec(w_bits=4, a_bits=4, kv_bits=4), low_rank_subspace(model, rotations, 0))
+    assert max_rel_error(model_logits(quantized, tokens), model_logits(ref, tokens)) <= 1e-9  # same weights, same grid
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -200,27 +191,27 @@ def test_zero_rank_reproduces_identity_transitions_float64(name, tokens):
 def test_every_rank_preserves_the_function_float64(name, rank, tokens):
     """The weights are fused in the bases chained from the approximations: quantization off, the model
     is the original one at any rank (only the quantization grid differs between ranks)."""
-    model = _f64_model(name)
-    rotations = _random_per_layer_set(model, seed=7)
-    prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, rank))
-    assert _max_rel(_logits(model, tokens), _original(name, tokens)) <= 1e-9
+    model = f64_model(name)
+    rotations = random_per_layer_set(model, seed=7)
+    prepare_model(model, RESPIN, rotations, QuantSpec(), low_rank_subspace(model, rotations, rank))
+    assert max_rel_error(model_logits(model, tokens), _original(name, tokens)) <= 1e-9
 
 
 def test_intermediate_rank_fuses_other_weights(tokens):
     """Guards the tests above: a partial rank fuses weights unlike both r = 0 and exact layer-wise."""
-    rotations = _random_per_layer_set(_f64_model("tiny_llama"), seed=7)
+    rotations = random_per_layer_set(f64_model("tiny_llama"), seed=7)
     weights = {}
     for rank in (0, 16, "full"):
-        model = _f64_model("tiny_llama")
-        prepare_model(model, RESPIN, rotations, QuantSpec(), _subspace(model, rotations, rank))
+        model = f64_model("tiny_llama")
+        prepare_model(model, RESPIN, rotations, QuantSpec(), low_rank_subspace(model, rotations, rank))
         weights[rank] = model.model.layers[1].mlp.down_proj.linear.weight
     assert (weights[16] - weights[0]).abs().max() > 1e-3 and (weights[16] - weights["full"]).abs().max() > 1e-3
 
 
 def test_chain_tracks_the_trained_bases():
     """Each step approximates the gap to the trained basis, so errors do not pile up along layers."""
-    model = _f64_model("tiny_llama")
-    rotations = _random_per_layer_set(model, seed=7)
+    model = f64_model("tiny_llama")
+    rotations = random_per_layer_set(model, seed=7)
     bases = {k: orthonormalize(v) for k, v in rotations.items() if not k.startswith("R2.")}
     errors = {r: [row["basis_error"] for row in approximate_set(bases, 2, ApproxSpec(rank=r), progress=False)[1]]
               for r in (0, 32, 96, "full")}
@@ -231,8 +222,8 @@ def test_chain_tracks_the_trained_bases():
 def test_subspace_for_another_model_refused():
     small, _ = load_model(model_cfg("tiny_llama"))
     other, _ = load_model(model_cfg("tiny_qwen2"))
-    rotations = _random_per_layer_set(other.double(), seed=1)
-    sub = _subspace(other, rotations, 4)
+    rotations = random_per_layer_set(other.double(), seed=1)
+    sub = low_rank_subspace(other, rotations, 4)
     if other.config.num_hidden_layers == small.config.num_hidden_layers:
         with pytest.raises(PipelineError, match="do not fit hidden size"):
             check_subspace(sub, small)
@@ -243,7 +234,7 @@ def test_subspace_for_another_model_refused():
 
 def test_low_rank_method_needs_a_subspace():
     model, _ = load_model(model_cfg("tiny_llama"))
-    rotations = _random_per_layer_set(_f64_model("tiny_llama"), seed=1)
+    rotations = random_per_layer_set(f64_model("tiny_llama"), seed=1)
     with pytest.raises(PipelineError, match="run the approximate stage first"):
         prepare_model(model, RESPIN, rotations, QuantSpec())
     with pytest.raises(PipelineError, match="transition=low_rank needs per_layer=true"):
@@ -255,7 +246,7 @@ def test_low_rank_method_needs_a_subspace():
 def test_polar_falls_back_when_the_svd_fails(monkeypatch):
     """LAPACK's SVD can fail (or lose accuracy) on repeated singular values; the eigensolver route
     must give the same orthogonal factor."""
-    from pipeline import subspace
+    from pipeline.rotation import subspace
 
     a = torch.randn(30, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     expected = subspace.polar(a)
@@ -270,7 +261,7 @@ def test_polar_falls_back_when_the_svd_fails(monkeypatch):
 
 
 def test_singular_pairs_of_a_rotation_delta():
-    from pipeline.subspace import singular_pairs
+    from pipeline.rotation.subspace import singular_pairs
 
     T = _near_identity_rotation(6)
     delta = T - torch.eye(D, dtype=torch.float64)

@@ -9,9 +9,9 @@ import sys
 import torch
 
 from conftest import ROOT, SHARED_DATA, model_cfg
-from pipeline.artifacts import save_tensors
+from pipeline.infra.artifacts import save_tensors
 from pipeline.methods import MethodSpec, make_rotations
-from pipeline.models import load_model, model_fingerprint
+from pipeline.model.load import load_model, model_fingerprint
 
 TINY = ["model=tiny_llama", "eval.seqlen=64", "eval.max_windows=1"]
 
@@ -39,7 +39,7 @@ def _sets(tmp_path) -> list[str]:
 
 def test_sweep_writes_one_row_per_method_rank_and_quantizer(tmp_path):
     out = tmp_path / "table.csv"
-    proc = _cli("pipeline.sweep", "--quant", "w4a4kv4", *_sets(tmp_path), "--ranks", "0", "full", "adaptive",
+    proc = _cli("pipeline.tools.sweep", "--quant", "w4a4kv4", *_sets(tmp_path), "--ranks", "0", "full", "adaptive",
                 "--weights", "rtn", "--out", str(out), *TINY, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
@@ -58,7 +58,7 @@ def test_sweep_bad_input_is_one_line(tmp_path):
     for args, message in [(["--set", "foo"], "--set foo: give quarot=PATH"),
                           (["--quant", "w5a5"], "--quant w5a5: no conf/quant/w5a5.yaml"),
                           (["--set", f"layerwise={tmp_path / 'none.safetensors'}"], "does not exist")]:
-        proc = _cli("pipeline.sweep", *args, "--out", str(tmp_path / "t.csv"), *TINY, cwd=tmp_path)
+        proc = _cli("pipeline.tools.sweep", *args, "--out", str(tmp_path / "t.csv"), *TINY, cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         assert message in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "t.csv").exists()
@@ -76,7 +76,7 @@ def test_sweep_streamed_gives_the_whole_model_rows(tmp_path):
     for stream in ("true", "false"):
         out = tmp_path / f"{stream}.csv"
         env_dir = tmp_path / "cache"
-        proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--quant", "w4a4kv4", *sets, "--ranks", "8",
+        proc = subprocess.run([sys.executable, "-m", "pipeline.tools.sweep", "--quant", "w4a4kv4", *sets, "--ranks", "8",
                                "--weights", "gptq", "--methods", "quarot", "respinquant", "--stream", stream,
                                "--out", str(out), *TINY], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                               env={**os.environ, "RSQ_DATA_DIR": str(SHARED_DATA), "PYTHONPATH": str(ROOT),

@@ -5,33 +5,14 @@ import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
-from pipeline.errors import PipelineError
-from pipeline.methods import MethodSpec, make_rotations, prepare_base, prepare_model
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.surgery import replace_norms
-from pipeline.train import TrainSpec, TrainState, train_rotations, window_loss
-from pipeline.trainable import TrainableRotations, parametrize_rotations
-
-SPIN = MethodSpec(name="spinquant", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True,
-                  train=True)
-LAYERWISE = MethodSpec(name="layerwise", r1="random_hadamard", r2="random_hadamard", online_r3=True,
-                       online_r4=True, per_layer=True, train=True)
-A4 = QuantSpec(a_bits=4, kv_bits=4)
-
-
-def _setup(method: MethodSpec, seed: int = 0, quant: QuantSpec = A4, outliers: bool = False):
-    model, _ = load_model(model_cfg("tiny_llama"))
-    if outliers:  # like real LLMs: a few massive residual channels, and confident predictions
-        with torch.no_grad():
-            model.model.embed_tokens.weight[:, :4] *= 20
-            model.lm_head.weight.mul_(5)
-    adapter = prepare_base(model, method, quant)
-    rotations = TrainableRotations(make_rotations(method, model))
-    parametrize_rotations(model, adapter, rotations)
-    windows = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(seed))
-    return model, rotations, windows
+from pipeline.model.adapters import adapter_for
+from pipeline.infra.errors import PipelineError
+from pipeline.methods import prepare_model
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.surgery.weights import replace_norms
+from pipeline.train.loop import TrainSpec, TrainState, train_rotations, window_loss
+from helpers import LAYERWISE_TRAINED, SPIN, training_setup
 
 
 def _mean_loss(model, windows) -> float:
@@ -39,10 +20,10 @@ def _mean_loss(model, windows) -> float:
         return sum(window_loss(model, w).item() for w in windows) / len(windows)
 
 
-@pytest.mark.parametrize("method", [SPIN, LAYERWISE])
+@pytest.mark.parametrize("method", [SPIN, LAYERWISE_TRAINED])
 def test_training_lowers_the_quantized_loss(method):
     """On its own batch (all 4 windows every step), at A2/KV2 where rotations matter most."""
-    model, rotations, windows = _setup(method, quant=QuantSpec(a_bits=2, kv_bits=2), outliers=True)
+    model, rotations, windows = training_setup(method, quant=QuantSpec(a_bits=2, kv_bits=2), outliers=True)
     before = _mean_loss(model, windows)
     state = train_rotations(model, rotations, windows, TrainSpec(steps=12, lr=1.0, batch_size=4), TrainState(),
                             lambda s: None)
@@ -52,7 +33,7 @@ def test_training_lowers_the_quantized_loss(method):
 
 
 def test_nan_loss_stops_with_one_line_naming_the_step():
-    model, rotations, windows = _setup(SPIN)
+    model, rotations, windows = training_setup(SPIN)
     saved = []
     with torch.no_grad():
         adapter_for(model).layers(model)[1].mlp.up_proj.linear.parametrizations.weight.original[0, 0] = float("nan")
@@ -63,7 +44,7 @@ def test_nan_loss_stops_with_one_line_naming_the_step():
 
 
 def test_checkpoint_callback_cadence():
-    model, rotations, windows = _setup(SPIN)
+    model, rotations, windows = training_setup(SPIN)
     steps_saved = []
     train_rotations(model, rotations, windows, TrainSpec(steps=5, lr=1.0, batch_size=2, checkpoint_every=2),
                     TrainState(), lambda s: steps_saved.append(s.step))
@@ -72,7 +53,7 @@ def test_checkpoint_callback_cadence():
 
 def test_trained_per_layer_set_with_exact_transitions_matches_original_float64(tokens):
     """Quantization off: a trained (float32, exported) per-layer set fused in float64 is exact."""
-    model, rotations, windows = _setup(LAYERWISE)
+    model, rotations, windows = training_setup(LAYERWISE_TRAINED)
     train_rotations(model, rotations, windows, TrainSpec(steps=4, lr=1.0, batch_size=2), TrainState(), lambda s: None)
     trained = rotations.export()
     assert max((trained[k] - v.detach()).abs().max().item() for k, v in rotations.as_dict().items()) < 1e-5
@@ -82,7 +63,7 @@ def test_trained_per_layer_set_with_exact_transitions_matches_original_float64(t
     replace_norms(reference, adapter_for(reference))
     fused, _ = load_model(model_cfg("tiny_llama"))
     fused = fused.double()
-    prepare_model(fused, LAYERWISE, trained, QuantSpec())
+    prepare_model(fused, LAYERWISE_TRAINED, trained, QuantSpec())
     with torch.no_grad():
         ref = reference(tokens).logits
         err = ((fused(tokens).logits - ref).abs().max() / ref.abs().max()).item()
@@ -98,11 +79,11 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(momentum):
     """Resume from the step-3 checkpoint (rotations, step, momentum if any): the step counter must be
     restored even without a momentum buffer, or the QR re-orthogonalisation (every 2 steps) shifts."""
     spec = TrainSpec(steps=6, lr=1.0, batch_size=2, momentum=momentum, reorth_every=2, checkpoint_every=3)
-    model, rotations, windows = _setup(LAYERWISE)
+    model, rotations, windows = training_setup(LAYERWISE_TRAINED)
     straight = train_rotations(model, rotations, windows, spec, TrainState(), lambda s: None)
     expected = {k: v.detach().clone() for k, v in rotations.as_dict().items()}
 
-    model, rotations, windows = _setup(LAYERWISE)
+    model, rotations, windows = training_setup(LAYERWISE_TRAINED)
     saved = {}
 
     def save_then_die(s: TrainState) -> None:  # what rotate.py writes: rotations + state
@@ -121,7 +102,7 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(momentum):
     else:
         assert state.momentum == {}  # nothing to save: momentum 0 keeps no buffer
 
-    model, rotations, windows = _setup(LAYERWISE)
+    model, rotations, windows = training_setup(LAYERWISE_TRAINED)
     with torch.no_grad():
         for k, v in rotations.as_dict().items():
             v.copy_(saved["rotations"][k])

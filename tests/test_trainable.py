@@ -4,16 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import pipeline.trainable as trainable
+import pipeline.train.trainable as trainable
 from conftest import model_cfg
-from pipeline.adapters import adapter_for
-from pipeline.cayley import orthonormalize
-from pipeline.hadamard import orthogonal_hadamard
+from pipeline.model.adapters import adapter_for
+from pipeline.rotation.cayley import orthonormalize
+from pipeline.rotation.hadamard import orthogonal_hadamard
 from pipeline.methods import MethodSpec, apply_rotation_set, make_rotations, prepare_base
-from pipeline.models import load_model
-from pipeline.quantizers import QuantSpec
-from pipeline.trainable import TrainableRotations, fold_rotations, parametrize_rotations, transition_delta
-from test_invariance import _random_per_layer_set
+from pipeline.model.load import load_model
+from pipeline.quant.quantizers import QuantSpec
+from pipeline.train.trainable import TrainableRotations, fold_rotations, parametrize_rotations, transition_delta
+from helpers import random_per_layer_set
 
 GLOBAL = MethodSpec(name="spinquant", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True)
 PER_LAYER = MethodSpec(name="layerwise", r1="random_hadamard", r2="random_hadamard", online_r3=True,
@@ -31,7 +31,7 @@ def _model(name: str, method: MethodSpec, quant: QuantSpec):
 def test_parametrized_equals_fused(name, method, tokens):
     quant = QuantSpec(a_bits=4, kv_bits=4)
     probe, _ = load_model(model_cfg(name))
-    rotations = _random_per_layer_set(probe, 7) if method.per_layer else make_rotations(method, probe)
+    rotations = random_per_layer_set(probe, 7) if method.per_layer else make_rotations(method, probe)
 
     fused, adapter = _model(name, method, quant)
     apply_rotation_set(fused, adapter, rotations)

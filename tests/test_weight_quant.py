@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.weight_quant import dequantize, group_of, pack, rtn, unpack, weight_scale
+from pipeline.infra.errors import PipelineError
+from pipeline.quant.codes import dequantize, group_of, pack, rtn, unpack, weight_scale
 
 
 def test_pack_layout_low_nibble_is_even_k():

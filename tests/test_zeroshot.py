@@ -19,9 +19,9 @@ from conftest import SHARED_DATA, model_cfg
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.tasks._yaml_loader import load_yaml
 
-from pipeline.errors import PipelineError
-from pipeline.models import load_model
-from pipeline.zeroshot import ALL_TASKS, HEADLINE, evaluate_zeroshot, load_tasks
+from pipeline.infra.errors import PipelineError
+from pipeline.model.load import load_model
+from pipeline.eval.zeroshot import ALL_TASKS, HEADLINE, evaluate_zeroshot, load_tasks
 
 STANDARD = Path(lm_eval.tasks.__file__).parent
 LOCAL_TASKS = [t for t in ALL_TASKS if t != "hellaswag"]
@@ -235,10 +235,10 @@ def test_hellaswag_without_data_is_skipped_with_one_line(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)  # even where a hub cache holds it
     shutil.copytree(SHARED_DATA / "arc", tmp_path / "arc")
-    with caplog.at_level("WARNING", logger="pipeline.zeroshot"):
+    with caplog.at_level("WARNING", logger="pipeline.eval.zeroshot"):
         tasks, skipped = load_tasks({"dir": str(tmp_path)}, ["arc_easy", "hellaswag"])
     assert list(tasks) == ["arc_easy"] and skipped == ["hellaswag"]
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.zeroshot"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.eval.zeroshot"]
     assert len(lines) == 1 and "hellaswag" in lines[0] and "\n" not in lines[0]
 
 

@@ -1,6 +1,6 @@
-// W4A4 CPU reference ops (exact integer arithmetic), built on first use by pipeline/kernels.py through
+// W4A4 CPU reference ops (exact integer arithmetic), built on first use by pipeline/export/kernels.py through
 // torch.utils.cpp_extension. The CUDA sources in ../cuda implement the same ops with the same
-// semantics; tests compare both against pure-torch references (pipeline/kernels.py: reference_*).
+// semantics; tests compare both against pure-torch references (pipeline/export/kernels.py: reference_*).
 //
 // Layout (DESIGN §3): int4 two's complement, two per byte, K-contiguous for both operands
 // (activations M x K -> uint8 M x K/2, weights N x K -> uint8 N x K/2), low nibble = even k.
@@ -98,7 +98,7 @@ at::Tensor unpack_int4(const at::Tensor& packed) {
 }
 
 // Per-token asymmetric int4 quantization, the same float32 arithmetic as the fake quantizer
-// (pipeline.quantizers.quantize_asym, bits=4): x (M, K) float -> packed codes q - 8 (M, K/2) uint8,
+// (pipeline.quant.quantizers.quantize_asym, bits=4): x (M, K) float -> packed codes q - 8 (M, K/2) uint8,
 // scale (M) float32, zero - 8 (M) int32, with x ~= scale * (code - zero_s).
 std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, double clip_ratio) {
   TORCH_CHECK(x_in.dim() == 2, "quantize_act: x must be 2-D (tokens, K), got ", x_in.sizes());
@@ -224,7 +224,7 @@ at::Tensor hadamard(const at::Tensor& x_in, const at::Tensor& base_in) {
   const float* src = x.data_ptr<float>();
   const float* b = base.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  // divide (not multiply by 1/sqrt(n)): the same rounding as pipeline.hadamard.fast_hadamard_transform
+  // divide (not multiply by 1/sqrt(n)): the same rounding as pipeline.rotation.hadamard.fast_hadamard_transform
   const float norm = static_cast<float>(std::sqrt(static_cast<double>(n)));
   at::parallel_for(0, R, 4, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(static_cast<size_t>(n));

@@ -6,15 +6,15 @@ import json
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import devices, paths
-from ..artifacts import open_tensors, save_tensors, write_csv, write_json
-from ..config import select_variant
-from ..errors import PipelineError
+from ..infra import devices, paths
+from ..infra.artifacts import open_tensors, save_tensors, write_csv, write_json
+from ..infra.config import select_variant
+from ..infra.errors import PipelineError
 from ..methods import MethodSpec, check_rotations
-from ..models import model_fingerprint
-from ..streaming import open_model
-from ..subspace import SUBSPACE_CHAINED, ApproxSpec, approximate_rotations, rotation_digest, summarize
-from ..tracking import stage_run
+from ..model.load import model_fingerprint
+from ..model.streaming import open_model
+from ..rotation.subspace import SUBSPACE_CHAINED, ApproxSpec, approximate_rotations, rotation_digest, summarize
+from ..infra.tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
@@ -29,8 +29,7 @@ def run(cfg: DictConfig) -> None:
     model, _, _ = open_model(cfg.model, dtype)  # the skeleton: sizes and fingerprint, no weights read
     fingerprint = model_fingerprint(model)
     dims = model.config
-    if isinstance(spec.rank, int) and spec.rank > dims.hidden_size:
-        raise PipelineError(f"approx.rank={spec.rank} exceeds the hidden size {dims.hidden_size} of {cfg.model.name}")
+    spec.check_hidden(dims.hidden_size, model=cfg.model.name)
     rotations, _ = open_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
     with stage_run(cfg, "approximate", name):

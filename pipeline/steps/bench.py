@@ -1,19 +1,19 @@
 """bench: W4A4 kernel speed against the float matmul, the fused transition against a residual add,
-and a whole decoder layer (``pipeline/bench.py``), for the configured model's shapes and
+and a whole decoder layer (``pipeline/export/bench.py``), for the configured model's shapes and
 Llama-3-8B's. It runs the C++ CPU path (the CUDA kernels are timed by hand on a GPU host, see
 cuda_ext/cuda/README.md) and says so in every row's ``device`` and in ``backend``."""
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from .. import devices, paths
-from ..adapters import adapter_for
-from ..artifacts import write_json
-from ..bench import LLAMA3_8B, Timing, bench_layer, bench_linear, bench_transition, device_name, linear_shapes
-from ..errors import PipelineError
-from ..kernels import cpu_ops
-from ..models import load_model
-from ..tracking import stage_run
+from ..infra import devices, paths
+from ..model.adapters import adapter_for
+from ..infra.artifacts import write_json
+from ..export.bench import LLAMA3_8B, Timing, bench_layer, bench_linear, bench_transition, device_name, linear_shapes
+from ..infra.errors import PipelineError
+from ..export.kernels import cpu_ops
+from ..model.load import load_model
+from ..infra.tracking import stage_run
 
 
 def _positive_ints(values, what: str) -> list[int]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from .. import devices, paths
-from ..act_stats import activation_stats_streamed, summarize_stats
-from ..artifacts import save_tensors, write_csv, write_json
-from ..data import calibration_text, check_seqlen, sample_windows, text_digest, tokenize
-from ..errors import PipelineError
-from ..models import max_positions, model_fingerprint
-from ..streaming import SourceLayers, open_model
-from ..tracking import stage_run
+from ..infra import devices, paths
+from ..eval.act_stats import activation_stats_streamed, summarize_stats
+from ..infra.artifacts import save_tensors, write_csv, write_json
+from ..eval.data import calibration_text, check_seqlen, sample_windows, text_digest, tokenize
+from ..infra.errors import PipelineError
+from ..model.load import max_positions, model_fingerprint
+from ..model.streaming import SourceLayers, open_model
+from ..infra.tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:

@@ -14,18 +14,18 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from .. import paths
-from ..artifacts import write_json
-from ..checkpoint import check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
-from ..config import select_variant
-from ..data import check_seqlen, corpus_text, eval_corpus_windows
-from ..devices import choose_stream, resolve_device
-from ..errors import PipelineError
+from ..infra import paths
+from ..infra.artifacts import write_json
+from ..export.checkpoint import check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
+from ..infra.config import select_variant
+from ..eval.data import check_seqlen, corpus_text, eval_corpus_windows
+from ..infra.devices import choose_stream, resolve_device
+from ..infra.errors import PipelineError
 from ..methods import MethodSpec, quant_spec
-from ..models import max_positions
-from ..perplexity import perplexity, perplexity_streamed
-from ..tracking import stage_run
-from ..zeroshot import check_request, evaluate_zeroshot
+from ..model.load import max_positions
+from ..eval.perplexity import perplexity, perplexity_streamed
+from ..infra.tracking import stage_run
+from ..eval.zeroshot import check_request, evaluate_zeroshot
 
 
 def run(cfg: DictConfig) -> None:

@@ -1,6 +1,6 @@
 """fuse: fold norms and rotations into the weights, attach the online ops (R3, R4, transitions),
 quantize the weights (RTN or GPTQ), export the packed checkpoint, one decoder layer at a time
-(``stream_fuse``: the model's weights are read from safetensors layer by layer, so a model larger
+(``fuse.streamed``: the model's weights are read from safetensors layer by layer, so a model larger
 than memory goes through)."""
 from __future__ import annotations
 
@@ -9,19 +9,19 @@ import time
 
 from omegaconf import DictConfig
 
-from .. import paths
-from ..act_stats import summarize_stats
-from ..artifacts import load_tensors, open_tensors, write_csv
-from ..checkpoint import CONFIG
-from ..config import select_variant
-from ..devices import setup
-from ..errors import PipelineError
+from ..infra import paths
+from ..eval.act_stats import summarize_stats
+from ..infra.artifacts import load_tensors, open_tensors, write_csv
+from ..export.checkpoint import CONFIG
+from ..infra.config import select_variant
+from ..infra.devices import setup
+from ..infra.errors import PipelineError
 from ..methods import MethodSpec, quant_spec
-from ..models import model_fingerprint
-from ..stream_fuse import fuse_streamed
-from ..streaming import open_model
-from ..subspace import check_subspace_variant, rotation_digest
-from ..tracking import stage_run
+from ..model.load import model_fingerprint
+from ..fuse.streamed import fuse_streamed
+from ..model.streaming import open_model
+from ..rotation.subspace import check_subspace_variant, rotation_digest
+from ..infra.tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:

@@ -12,17 +12,17 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from .. import devices, paths
-from ..artifacts import load_tensors, write_csv
-from ..config import select_variant
-from ..data import check_seqlen, wikitext2_windows
-from ..errors import PipelineError
-from ..fused_ppl import fused_perplexity, should_stream
+from ..infra import devices, paths
+from ..infra.artifacts import load_tensors, write_csv
+from ..infra.config import select_variant
+from ..eval.data import check_seqlen, wikitext2_windows
+from ..infra.errors import PipelineError
+from ..fuse.fused_ppl import fused_perplexity, should_stream
 from ..methods import MethodSpec, check_rotations, quant_spec
-from ..models import max_positions, model_fingerprint
-from ..streaming import open_model
-from ..subspace import ApproxSpec, approximate_rotations, summarize
-from ..tracking import stage_run
+from ..model.load import max_positions, model_fingerprint
+from ..model.streaming import open_model
+from ..rotation.subspace import ApproxSpec, approximate_rotations, summarize
+from ..infra.tracking import stage_run
 
 
 def run(cfg: DictConfig) -> None:
@@ -44,8 +44,7 @@ def run(cfg: DictConfig) -> None:
     rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
     check_rotations(rotations, method, model)
     for spec in specs:  # refuse a bad rank before the first (minutes-long) fuse
-        if isinstance(spec.rank, int) and spec.rank > model.config.hidden_size:
-            raise PipelineError(f"rank_sweep.ranks: {spec.rank} exceeds the hidden size {model.config.hidden_size}")
+        spec.check_hidden(model.config.hidden_size, f"rank_sweep.ranks: {spec.rank}")
     del model
     windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.rank_sweep.max_windows)
     windows = windows.to(device)  # fed to the model as they are

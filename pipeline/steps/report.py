@@ -2,7 +2,7 @@
 
 Reads every recorded run of each of ``variants`` (``seed_results``: seed 0 from ``dvc repro``'s
 ``metrics/eval/<variant>.json`` and ``metrics/eval_windows/<variant>.json``, seed k of ``report.seeds``
-from ``pipeline.seed_runs``' ``metrics/seeds/seed<k>/``), and the rank sweep csvs (if the pipeline made
+from ``pipeline.tools.seed_runs``' ``metrics/seeds/seed<k>/``), and the rank sweep csvs (if the pipeline made
 them), and writes them out as one markdown file, so a reader without MLflow or DVC sees the results. It
 computes only statistics of recorded numbers: mean ± std over seeds and paired t-intervals over seeds
 of ppl ratios (``seed_stats``).
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from .. import paths
-from ..artifacts import atomic_path, write_csv
-from ..cells_report import matrix_markdown, matrix_rows
-from ..errors import PipelineError
-from ..results import SeedResult, check_one_config, check_paired
-from ..seed_stats import mean_std, paired_ratio
-from ..tracking import stage_run
+from ..infra import paths
+from ..infra.artifacts import atomic_path, write_csv
+from ..eval.cells_report import matrix_markdown, matrix_rows
+from ..infra.errors import PipelineError
+from ..eval.results import SeedResult, check_one_config, check_paired
+from ..eval.seed_stats import mean_std, paired_ratio
+from ..infra.tracking import stage_run
 
 
 def _fmt(value, digits: int) -> str:
@@ -44,7 +44,7 @@ def seed_results(metrics: Path, names: list[str], seeds: list[int]) -> dict[str,
     """``{variant: [SeedResult, ...]}`` of ``names`` over ``seeds``: the one reader of the results layout.
 
     Seed 0 is ``dvc repro``'s, ``<metrics>/eval/<variant>.json`` and ``<metrics>/eval_windows/<variant>.json``,
-    and must be there; seed k >= 1 is ``pipeline.seed_runs``', the same files under
+    and must be there; seed k >= 1 is ``pipeline.tools.seed_runs``', the same files under
     ``<metrics>/seeds/seed<k>/``, skipped when its eval json is absent (a variant run under fewer seeds).
     A file that records another seed than its folder's is refused. Each file is read once."""
     out = {}
@@ -158,7 +158,7 @@ def markdown(cfg: DictConfig, rows: list[dict], sweeps: dict[str, list[dict]]) -
         f"- Model: `{cfg.model.name}`.",
         f"- Perplexity on {corpus}, {first[f'{key}_windows']} windows of {first[f'{key}_seqlen']} tokens"
         f" ({first[f'{key}_tokens']} predicted tokens), the same windows for every row. ppl: seed 0 (`dvc repro`);"
-        " mean ± std: over the row's seeds (`python -m pipeline.seed_runs`).",
+        " mean ± std: over the row's seeds (`python -m pipeline.tools.seed_runs`).",
         "- Ratios: ppl divided by the SpinQuant / exact layer-wise row of the same quant and weight quantizer,"
         " seed by seed, geometric mean over the seeds both rows have;"
         f" [{level:.0%} interval]: paired t-interval over those seeds (Student t, seeds - 1 degrees of freedom,"
@@ -202,7 +202,7 @@ def run(cfg: DictConfig) -> None:
     with stage_run(cfg, "report"):
         write_csv(paths.report_table(cfg), rows)
         with atomic_path(out) as tmp:
-            tmp.write_text(markdown(cfg, rows, sweeps) + "\n## The experiment matrix (`python -m pipeline.cells`)\n\n"
+            tmp.write_text(markdown(cfg, rows, sweeps) + "\n## The experiment matrix (`python -m pipeline.tools.cells`)\n\n"
                            + matrix)
         mlflow.log_artifact(str(out))
         mlflow.log_artifact(str(paths.report_table(cfg)))

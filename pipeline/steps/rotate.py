@@ -15,19 +15,19 @@ from dataclasses import asdict, replace
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import distributed as ddp
-from .. import paths
-from ..artifacts import load_tensors, save_tensors, tensor_digest, write_csv
-from ..config import select_variant
-from ..devices import check_dtype, choose_stream, resolve_device, resolve_dtype
-from ..errors import PipelineError
+from ..train import distributed as ddp
+from ..infra import paths
+from ..infra.artifacts import load_tensors, save_tensors, tensor_digest, write_csv
+from ..infra.config import select_variant
+from ..infra.devices import choose_stream, model_dtype, resolve_device
+from ..infra.errors import PipelineError
 from ..methods import MethodSpec, check_rotations, make_rotations, per_layer_bases, prepare_base, quant_spec
-from ..models import cache_dir, load_model, model_fingerprint
-from ..stream_train import stream_for_training
-from ..streaming import open_model
-from ..tracking import stage_run
-from ..train import TrainSpec, TrainState, train_rotations
-from ..trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
+from ..model.load import cache_dir, load_model, model_fingerprint
+from ..train.streamed import stream_for_training
+from ..model.streaming import open_model
+from ..infra.tracking import stage_run
+from ..train.loop import TrainSpec, TrainState, train_rotations
+from ..train.trainable import TrainableRotations, enable_checkpointing, parametrize_rotations
 
 STAGES = ("global", "layerwise")
 STREAM_SHARE = 0.5  # train.stream=auto streams a model whose weights exceed this share of free memory
@@ -96,8 +96,7 @@ def run(cfg: DictConfig) -> None:
     device = resolve_device(cfg.train.device, "train.device")
     if device.type == "cuda" and ddp.world_size_from_env() > 1:  # torchrun: one GPU per local rank
         device = resolve_device(f"cuda:{ddp.local_rank()}", "train.device")
-    dtype = resolve_dtype(cfg.model.get("dtype"), device=device)
-    check_dtype(device, dtype)
+    dtype = model_dtype(cfg.model.get("dtype"), device)
     fsdp = bool(cfg.train.get("fsdp", False)) and method.train
     if fsdp and ddp.world_size_from_env() < 2:
         raise PipelineError("train.fsdp=true shards the model over torchrun's ranks: launch the stage with "

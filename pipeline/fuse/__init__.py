@@ -1,0 +1,1 @@
+"""Fusing rotations into a model layer by layer, and perplexity of fused models."""

@@ -1,0 +1,1 @@
+"""Plumbing: errors, config, devices, paths, artifacts, tracking (imports nothing else of pipeline)."""

@@ -1,0 +1,157 @@
+"""Model-family adapters: where a family keeps its norms, linears, heads and rotary embedding.
+
+The rest of the pipeline talks only to an adapter, never to HF attribute names. Llama, Qwen2 and
+Mistral share HF's decoder layout (``model.layers[i].self_attn.{q,k,v,o}_proj``,
+``mlp.{gate,up,down}_proj``, ``input_layernorm``, ``post_attention_layernorm``), so their adapters
+share ``DecoderAdapter`` whole: Qwen2's q/k/v biases are handled by the surgery itself (reader biases
+do not change under a residual rotation; v's bias is rotated with R2), and Mistral's sliding window
+lives inside attention, untouched. A family with another layout overrides the names and accessors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..infra.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes the rotations need."""
+
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_layers: int
+    vocab: int
+
+
+class DecoderAdapter:
+    """Accessors for an HF decoder-only causal LM with the Llama layout."""
+
+    architecture: str = ""
+
+    # names of the linears and norms inside a decoder layer, relative to the layer
+    ATTN_READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    ATTN_WRITER = "self_attn.o_proj"
+    MLP_READERS = ("mlp.gate_proj", "mlp.up_proj")
+    MLP_WRITER = "mlp.down_proj"
+    V_PROJ = "self_attn.v_proj"
+    ATTENTION = "self_attn"
+    MLP = "mlp"
+    ATTN_NORM = "input_layernorm"
+    MLP_NORM = "post_attention_layernorm"
+    FINAL_NORM = "model.norm"  # relative to the CausalLM
+
+    def dims(self, model: nn.Module) -> Dims:
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return Dims(
+            hidden=c.hidden_size,
+            intermediate=c.intermediate_size,
+            n_heads=c.num_attention_heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            n_layers=c.num_hidden_layers,
+            vocab=c.vocab_size,
+        )
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        return model.model.embed_tokens
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(model.model.layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.get_submodule(self.ATTENTION)
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.lm_head
+
+    def layer_norm_sites(self, layer: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+        """A decoder layer's two RMSNorms as ``(layer, attribute name, linears that read its output)``."""
+        return [(layer, self.ATTN_NORM, [get_linear(layer, n) for n in self.ATTN_READERS]),
+                (layer, self.MLP_NORM, [get_linear(layer, n) for n in self.MLP_READERS])]
+
+    def final_norm_site(self, model: nn.Module) -> tuple[nn.Module, str, list[nn.Linear]]:
+        """The final RMSNorm and lm_head, which reads it."""
+        parent, _, attr = self.FINAL_NORM.rpartition(".")
+        return (model.get_submodule(parent), attr, [self.lm_head(model)])
+
+    def norm_sites(self, model: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
+        """Every RMSNorm as ``(parent module, attribute name, linears that read its output)``."""
+        sites = [site for layer in self.layers(model) for site in self.layer_norm_sites(layer)]
+        return sites + [self.final_norm_site(model)]
+
+    def rotary(self, model: nn.Module) -> nn.Module:
+        """The rotary-embedding module (its buffers are not in the checkpoint: rebuilt from config)."""
+        return model.model.rotary_emb
+
+    def layer_prefix(self, i: int) -> str:
+        """State-dict prefix of decoder layer ``i`` (``model.layers.<i>.``)."""
+        return f"model.layers.{i}."
+
+    def layer_linear_names(self) -> tuple[str, ...]:
+        """Every quantized linear of a layer, relative to the layer, in forward order."""
+        return (*self.ATTN_READERS, self.ATTN_WRITER, *self.MLP_READERS, self.MLP_WRITER)
+
+
+class LlamaAdapter(DecoderAdapter):
+    """Llama-2/3/3.2 and SmolLM2 (``LlamaForCausalLM``)."""
+
+    architecture = "LlamaForCausalLM"
+
+
+class Qwen2Adapter(DecoderAdapter):
+    """Qwen2/2.5 (``Qwen2ForCausalLM``): q/k/v carry biases."""
+
+    architecture = "Qwen2ForCausalLM"
+
+
+class MistralAdapter(DecoderAdapter):
+    """Mistral (``MistralForCausalLM``): Llama layout, optional sliding-window attention."""
+
+    architecture = "MistralForCausalLM"
+
+
+ADAPTERS: dict[str, DecoderAdapter] = {
+    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter())
+}
+
+
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def check_config(hf_config) -> None:
+    """Refuse, before any weight is read, a model config (``config.json``'s ``model_type``) whose
+    family has no adapter: one line, not the family's own failure deep inside transformers."""
+    model_type = getattr(hf_config, "model_type", None)
+    if MODEL_TYPES.get(model_type) not in ADAPTERS:
+        raise PipelineError(f"unsupported model family model_type={model_type!r}; supported: "
+                            f"{', '.join(f'{k} ({v})' for k, v in sorted(MODEL_TYPES.items()))}")
+
+
+def adapter_for(model: nn.Module) -> DecoderAdapter:
+    """The adapter of ``model``'s architecture, chosen by its class (never by its name or path)."""
+    arch = type(model).__name__
+    if arch not in ADAPTERS:
+        raise PipelineError(
+            f"unsupported architecture {arch}; supported: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[arch]
+
+
+def get_linear(root: nn.Module, path: str) -> nn.Linear:
+    """The ``nn.Linear`` at dotted ``path`` under ``root``, looking through quantization wrappers."""
+    module = root.get_submodule(path)
+    return getattr(module, "linear", module)
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` under ``root``."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)

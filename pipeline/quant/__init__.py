@@ -1,0 +1,1 @@
+"""Quantizers: activation/KV fake quantization, weight codes and scales, GPTQ."""

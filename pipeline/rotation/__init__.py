@@ -1,0 +1,1 @@
+"""Rotation matrices: Hadamard, Cayley-orthonormal, residual subspaces (no nn.Module)."""

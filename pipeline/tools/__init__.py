@@ -1,0 +1,1 @@
+"""The ``python -m`` tools: sweeps, seed runs, the experiment matrix, profiling, diagnostics."""

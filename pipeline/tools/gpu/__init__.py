@@ -1,0 +1,1 @@
+"""The GPU check: prepare, run (stages, scale, kernels) and merge its results."""

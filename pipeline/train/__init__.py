@@ -1,0 +1,1 @@
+"""Rotation training: trainable rotations, the training loop, its streamed and distributed forms."""
