@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from pipeline.kernels import cpu_ops, hadamard_base
+from pipeline.export.kernels import cpu_ops, hadamard_base
 
 SIZES = [32, 128, 512, 2048, 14336]
 

@@ -27,9 +27,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .harness import BUILD_LOG, Part
 from ...export.kernels import cpu_ops, cuda_ops, hadamard_base, reference_transition
+from ...export.linear4bit import Linear4bit
 
 SEED_BYTES = 4
 
@@ -202,10 +204,6 @@ def correctness(ctx) -> None:
                          seed=seed, poison_hit=hit, max_abs=err, bound_value=bound)
 
     # Linear4bit (what load_quantized(backend="kernel") runs) on the device against the same layer on the CPU
-    from torch import nn
-
-    from .linear4bit import Linear4bit
-
     for m, k, n, rotate in [(3, 64, 40, False), (17, 576, 96, True)] + ([] if tiny else [(33, 4096, 1024, True)]):
         g, seed = gen()
         scale = torch.rand(n, generator=g) * 0.02 + 0.005
