@@ -107,3 +107,13 @@ def test_cell_key_and_paths(tmp_path):
     cell = Cell("m", "w4a4kv4", "gptq", 3, ("spinquant",))
     assert cell.result_path("spinquant", tmp_path) == tmp_path / "m" / "w4a4kv4-gptq" / "seed3" / "spinquant.json"
     assert load_matrix()["groups"]  # the committed matrix parses
+
+
+def test_stage_markers_ignore_report_and_bench_settings(tmp_path):
+    matrix, _ = _matrix(tmp_path)
+    cell = cells_of(matrix)[0]
+    base = cells.config_sha256(cells.cell_config_key(cells.cell_config(cell, matrix, tmp_path), cell))
+    other = {**matrix, "overrides": [*TINY, "report.level=0.9", "bench.m=[1]", "eval.batch_size=2"]}
+    assert cells.config_sha256(cells.cell_config_key(cells.cell_config(cell, other, tmp_path / "x"), cell)) == base
+    trained = {**matrix, "overrides": [*TINY, "train.lr=1.0"]}
+    assert cells.config_sha256(cells.cell_config_key(cells.cell_config(cell, trained, tmp_path), cell)) != base

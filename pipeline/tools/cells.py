@@ -155,6 +155,17 @@ def result_config(cfg: DictConfig, cell: Cell, variant: str) -> dict:
             "seed": cell.seed, "variant": variant, "variants": chain}
 
 
+def cell_config_key(cfg: DictConfig, cell: Cell) -> dict:
+    """What the cell's stages depend on (the stage markers' key): ``result_config`` of every variant of the
+    config, so a change of reporting, benchmark or path settings does not invalidate finished stages."""
+    resolved = result_config(cfg, cell, cell.variants[0])
+    resolved.pop("variant")
+    all_variants = OmegaConf.to_container(cfg.variants, resolve=True)
+    resolved["variants"] = {name: {k: v.get(k) for k in ("method", "quant", "approx", "global_from", "layerwise_from")}
+                            for name, v in all_variants.items()}
+    return resolved
+
+
 def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
@@ -263,7 +274,7 @@ class Runner:
         written = 0
         for cell in cells:
             cfg, scratch = cell_config(cell, self.matrix, self.scratch), cell.scratch(self.scratch)
-            cell_digest = config_sha256(OmegaConf.to_container(cfg, resolve=True))
+            cell_digest = config_sha256(cell_config_key(cfg, cell))
             todo = []
             for variant in cell.variants:
                 digest = config_sha256(result_config(cfg, cell, variant))
