@@ -76,3 +76,20 @@ def test_cli_writes_the_table_and_refuses_a_broken_file(tmp_path, capsys):
         cells_report.main(["--results", str(tmp_path / "r"), "--out", str(out)])
     assert exit_.value.code == 2 and "not a readable result" in capsys.readouterr().err
     assert matrix_markdown([]).startswith("No matrix results yet")
+
+
+def test_cli_puts_the_table_between_the_readme_markers(tmp_path, capsys):
+    _write(tmp_path / "r", "spinquant", 0, _nll(0, 0.0))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- matrix:begin -->\nold table\n<!-- matrix:end -->\n\nAfter.\n")
+    cells_report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "m.md"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n<!-- matrix:begin -->\n") and text.endswith("\n<!-- matrix:end -->\n\nAfter.\n")
+    assert "old table" not in text and "| spinquant | 0 |" in text
+    # a file without the markers: one line, nothing written
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(SystemExit) as exit_:
+        cells_report.main(["--results", str(tmp_path / "r"), "--out", str(tmp_path / "n.md"), "--readme", str(plain)])
+    assert exit_.value.code == 2 and "needs one <!-- matrix:begin --> line" in capsys.readouterr().err
+    assert plain.read_text() == "no markers\n" and not (tmp_path / "n.md").exists()

@@ -116,6 +116,18 @@ def matrix_markdown(rows: list[dict], level: float = 0.95) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_MARKERS = ("<!-- matrix:begin -->", "<!-- matrix:end -->")
+
+
+def replace_between_markers(text: str, body: str, where: str = "README.md") -> str:
+    """``text`` with what lies between ``README_MARKERS`` replaced by ``body`` (the markers stay)."""
+    begin, end = README_MARKERS
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise PipelineError(f"{where}: needs one {begin} line before one {end} line")
+    head, rest = text.split(begin)
+    return head + begin + "\n" + body.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
+
+
 def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,12 +135,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="docs/results/matrix.md", help="markdown table to write")
     parser.add_argument("--csv", default=None, help="also the rows as csv")
     parser.add_argument("--level", type=float, default=0.95)
+    parser.add_argument("--readme", default=None,
+                        help="also put the table between this file's matrix:begin/end markers (README.md)")
     args = parser.parse_args(argv)
 
     def body(a: argparse.Namespace) -> None:
         rows = matrix_rows(Path(a.results), a.level)
+        table = matrix_markdown(rows, a.level)
+        readme = None
+        if a.readme:  # checked before anything is written
+            readme = replace_between_markers(Path(a.readme).read_text(), table, a.readme)
         with atomic_path(a.out) as tmp:
-            tmp.write_text("# The experiment matrix\n\n" + matrix_markdown(rows, a.level))
+            tmp.write_text("# The experiment matrix\n\n" + table)
+        if readme is not None:
+            with atomic_path(a.readme) as tmp:
+                tmp.write_text(readme)
         if a.csv:
             write_csv(a.csv, rows)
         print(f"{len(rows)} row(s) -> {a.out}")
