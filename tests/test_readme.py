@@ -22,3 +22,20 @@ def test_readme_is_a_guide_and_its_links_exist():
     assert len(readme.splitlines()) <= 250
     for path in set(re.findall(r"`(docs/[\w./-]+\.md)`", readme)):
         assert (ROOT / path).is_file(), path
+
+
+def test_docs_name_code_that_exists():
+    """Every ``pipeline/...py`` file and ``python -m pipeline.<module>`` command the README and docs name
+    exists (the layout move left 14 stale file names in docs/)."""
+    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "cuda_ext").glob("*.md")]
+    missing = []
+    for doc in docs:
+        text = doc.read_text()
+        for path in set(re.findall(r"\bpipeline/[\w/]+\.py\b", text)):
+            if not (ROOT / path).is_file():
+                missing.append(f"{doc.name}: {path}")
+        for module in set(re.findall(r"python -m (pipeline(?:\.\w+)+)", text)):
+            base = ROOT / module.replace(".", "/")
+            if not (base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()):
+                missing.append(f"{doc.name}: {module}")
+    assert not missing, missing
