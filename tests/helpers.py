@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import torch
+from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, SHARED_DATA, model_cfg
+from pipeline.infra.config import CONF_DIR, resolve_auto_dtype, select_variant
 from pipeline.methods import MethodSpec, make_rotations, prepare_base, prepare_model
 from pipeline.model.adapters import adapter_for
 from pipeline.model.load import load_model, model_fingerprint
@@ -113,3 +115,14 @@ def prepared_model(name: str, method: MethodSpec, quant: QuantSpec, rank=None):
     calib = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
     prepare_model(model, method, rotations, quant, sub, calib)
     return model, tok, fingerprint
+
+
+# --- what a hand-run stage names its inputs and outputs ---
+def hand_run(tmp_path, *overrides: str):
+    """``(name, cfg)`` of a hand run with ``overrides`` under ``run_stage``'s folders: the output name
+    and the config whose ``sources`` name its rotation sets and subspace, and whose paths are the stage's."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"paths.artifacts={tmp_path / 'a'}",
+                                                       f"paths.metrics={tmp_path / 'm'}", *overrides])
+    resolve_auto_dtype(cfg)
+    return select_variant(cfg)

@@ -6,8 +6,10 @@ import torch
 
 from conftest import ROOT, model_cfg
 from pipeline.infra.artifacts import load_tensors, save_tensors
+from pipeline.infra import paths
 from pipeline.infra.errors import PipelineError
-from helpers import one_line_error, run_stage
+from pipeline.infra.settings import SETTING_KEY, record, rotation_setting
+from helpers import hand_run, one_line_error, run_stage
 
 
 def test_no_model_selected(tmp_path):
@@ -136,19 +138,31 @@ def _tiny_per_layer_set(tmp_path, fingerprint_of: str = "tiny_llama") -> None:
 
     model, _ = load_model(model_cfg(fingerprint_of))
     method = MethodSpec(name="respinquant", r1="hadamard", r2="hadamard", per_layer=True, transition="low_rank")
-    path = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "layerwise.safetensors"
-    save_tensors(path, make_rotations(method, model), {"fingerprint": model_fingerprint(model), "model": fingerprint_of})
+    save_tensors(_respin_set(tmp_path), make_rotations(method, model),
+                 {"fingerprint": model_fingerprint(model), "model": fingerprint_of,
+                  SETTING_KEY: record(rotation_setting(hand_run(tmp_path, *RESPIN)[1], "layerwise"))})
+
+
+def _respin_set(tmp_path, *overrides: str):
+    """Where the hand-run respinquant stages (with ``overrides``) read their per-layer set."""
+    cfg = hand_run(tmp_path, *RESPIN, *overrides)[1]
+    return paths.rotations(cfg, cfg.sources["layerwise"], "layerwise")
+
+
+def _respin_subspace(tmp_path, *overrides: str):
+    cfg = hand_run(tmp_path, *RESPIN, *overrides)[1]
+    return paths.subspace(cfg, cfg.sources["subspace"])
 
 
 def test_rotations_for_another_model_refused_by_approximate(tmp_path):
     _tiny_per_layer_set(tmp_path, fingerprint_of="tiny_qwen2")
     one_line_error(run_stage(tmp_path, "approximate.py", *RESPIN), "was made for model tiny_qwen2")
-    assert not (tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "subspace.safetensors").exists()
+    assert not _respin_subspace(tmp_path).exists()
 
 
 def test_truncated_rotations_refused_by_approximate(tmp_path):
     _tiny_per_layer_set(tmp_path)
-    path = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "layerwise.safetensors"
+    path = _respin_set(tmp_path)
     path.write_bytes(path.read_bytes()[:-1000])
     one_line_error(run_stage(tmp_path, "approximate.py", *RESPIN), "is not a readable safetensors file")
 
@@ -157,7 +171,7 @@ def test_subspace_for_other_rotations_or_model_refused_by_fuse(tmp_path):
     _tiny_per_layer_set(tmp_path)
     proc = run_stage(tmp_path, "approximate.py", *RESPIN, "approx.rank=4")
     assert proc.returncode == 0, proc.stderr
-    sub = tmp_path / "a" / "rotations" / "respinquant_w4a4kv4_r4" / "subspace.safetensors"
+    sub = _respin_subspace(tmp_path, "approx.rank=4")
     assert sub.is_file()
     tensors, meta = load_tensors(sub)
     save_tensors(sub, tensors, {**meta, "rotations": "0123456789abcdef"})
@@ -170,7 +184,7 @@ def test_subspace_for_other_rotations_or_model_refused_by_fuse(tmp_path):
 
 def test_rank_sweep_needs_a_low_rank_method(tmp_path):
     one_line_error(run_stage(tmp_path, "rank_sweep.py", "+model=tiny_llama", "method=layerwise"),
-                    "rank_sweep needs a low-rank (respinquant) variant; layerwise_w4a4kv4 uses method layerwise")
+                    "rank_sweep needs a low-rank (respinquant) variant; layerwise_w4a4kv4-")
 
 
 def test_rank_sweep_streamed_equals_in_memory_and_bad_stream_is_one_line(tmp_path):
@@ -224,4 +238,5 @@ def test_hand_run_respinquant_training_runs(tmp_path):
     assert run_stage(tmp_path, "calibrate.py", *common).returncode == 0
     proc = run_stage(tmp_path, "train_rotation.py", *common)
     assert proc.returncode == 0, proc.stderr[-1500:]
-    assert (tmp_path / "a" / "rotations" / "respinquant_w4a4kv4" / "global.safetensors").is_file()
+    cfg = hand_run(tmp_path, *common)[1]
+    assert paths.rotations(cfg, cfg.sources["global"], "global").is_file()

@@ -36,7 +36,47 @@ def test_hand_run_name_without_variant():
     cfg = compose_pipeline(["method=rtn", "quant=w3a3kv3"])
     cfg.variant = None
     name, chosen = select_variant(cfg)
-    assert name == "rtn_w3a3kv3" and chosen.quant.a_bits == 3
+    assert name.startswith("rtn_w3a3kv3-") and chosen.quant.a_bits == 3
+
+
+def _hand_names(*overrides: str) -> tuple[str, dict]:
+    cfg = compose_pipeline(["method=respinquant", "quant.weight_method=gptq", *overrides])
+    cfg.variant = None
+    name, chosen = select_variant(cfg)
+    return name, dict(chosen.sources)
+
+
+@pytest.mark.parametrize("override", ["quant.a_bits=16", "quant.kv_bits=16", "quant.w_bits=5", "quant.w_group_size=64",
+                                      "quant.a_clip_ratio=1.0", "quant.weight_method=rtn", "seed=1", "method.r2=hadamard",
+                                      "model=tiny_llama", "model.dtype=float32", "train.steps=3", "approx.rank=8"])
+def test_hand_runs_that_differ_in_a_setting_never_share_an_output(override):
+    """The review's case: `fuse quant.a_bits=16 quant.kv_bits=16` wrote over the W4A4 checkpoint (and a seed-1
+    fuse labelled its output seed 0): every setting an output depends on is in its name."""
+    assert _hand_names(override)[0] != _hand_names()[0]
+
+
+def test_rotation_sets_are_shared_only_where_the_setting_allows():
+    base_name, base = _hand_names()
+    # the weight quantizer and the rank act at fuse/approximate: the trained set is reused, the output is not
+    for override in ("quant.w_bits=5", "quant.weight_method=rtn", "approx.rank=8"):
+        name, sources = _hand_names(override)
+        assert sources["layerwise"] == base["layerwise"] and name != base_name
+    # training sees the activation quantizer and the seed: another set
+    for override in ("quant.a_bits=8", "seed=1", "train.steps=3"):
+        assert _hand_names(override)[1]["layerwise"] != base["layerwise"]
+    # the subspace follows the rank, not the weight quantizer
+    assert _hand_names("approx.rank=8")[1]["subspace"] != base["subspace"]
+    assert _hand_names("quant.weight_method=rtn")[1]["subspace"] == base["subspace"]
+
+
+def test_quant_label_follows_the_fields():
+    from pipeline.infra.settings import quant_label
+
+    for path in (ROOT / "conf" / "quant").glob("*.yaml"):  # the presets' names are their labels
+        preset = OmegaConf.load(path)
+        assert quant_label(preset) == preset.name
+    assert quant_label({"w_bits": 4, "a_bits": 16, "kv_bits": 16}) == "w4a16"
+    assert quant_label({"w_bits": 4, "a_bits": 4, "kv_bits": 4, "w_group_size": 128}) == "w4g128a4kv4"
 
 
 def test_every_quant_preset_is_valid():
@@ -85,9 +125,10 @@ def test_hand_run_names_carry_weights_and_rank():
     cfg = compose_pipeline(["method=respinquant", "quant.weight_method=gptq", "approx.rank=8"])
     cfg.variant = None
     name, chosen = select_variant(cfg)
-    assert name == "respinquant_w4a4kv4_gptq_r8"
-    assert chosen.sources == {"global": "respinquant_w4a4kv4", "layerwise": "respinquant_w4a4kv4",
-                              "subspace": "respinquant_w4a4kv4_r8"}  # shared by the RTN and GPTQ fuses
+    assert name.startswith("respinquant_w4a4kv4_gptq_r8-")
+    assert chosen.sources["global"] == chosen.sources["layerwise"]
+    assert chosen.sources["layerwise"].startswith("respinquant-")
+    assert chosen.sources["subspace"].startswith("respinquant_r8-")
 
 
 def test_calibration_windows_follow_train_profile():

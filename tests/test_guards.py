@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from conftest import model_cfg
-from pipeline.infra import artifacts
+from pipeline.infra import artifacts, paths
 from pipeline.infra.artifacts import save_tensors, write_csv, write_json
 from pipeline.eval.data import eval_windows
 from pipeline.infra.errors import PipelineError
 from pipeline.eval.perplexity import _ppl
 from pipeline.quant.quantizers import QuantSpec
 from pipeline.train.loop import TrainSpec, TrainState, train_rotations
-from helpers import QUAROT, SPIN, W4A4, one_line_error, prepared_model, run_stage, training_setup
+from helpers import QUAROT, SPIN, W4A4, hand_run, one_line_error, prepared_model, run_stage, training_setup
 
 
 @pytest.mark.parametrize("kwargs,expected", [
@@ -172,6 +173,9 @@ def test_eval_stage_refuses_another_models_checkpoint(tmp_path):
     common = ["method=quarot", "quant=w16a16", "calib.n_windows=2", "calib.seqlen=32", "calib.stats_windows=1"]
     for script in ("calibrate.py", "train_rotation.py", "fuse.py"):
         assert run_stage(tmp_path, script, "+model=tiny_qwen2", *common).returncode == 0
+    # hand runs of two models never share a path: put qwen2's checkpoint where tiny_llama's eval looks
+    qwen2, llama = (hand_run(tmp_path, f"+model={m}", *common) for m in ("tiny_qwen2", "tiny_llama"))
+    shutil.copytree(paths.fused(qwen2[1], qwen2[0]), paths.fused(llama[1], llama[0]))
     one_line_error(run_stage(tmp_path, "eval.py", "+model=tiny_llama", *common, "eval.tasks=[]"),
                     "was made for model tiny_qwen2")
     assert not (tmp_path / "m" / "eval").exists()
@@ -182,10 +186,14 @@ def test_eval_stage_refuses_another_models_checkpoint(tmp_path):
     proc = run_stage(tmp_path, "eval.py", "+model=tiny_qwen2", *common, "eval.tasks=[]", f"eval.corpus={corpus}",
                   "eval.seqlen=64", "eval.max_windows=3")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads((tmp_path / "m" / "eval" / "quarot_w16a16.json").read_text())
+    (path,) = (tmp_path / "m" / "eval").glob("quarot_w16a16-*.json")  # named by its setting's tag
+    result = json.loads(path.read_text())
     assert result["corpus"] == str(corpus) and result["corpus_windows"] == 3 and result["corpus_ppl"] > 1
     assert "wikitext2_ppl" not in result
-    windows = json.loads((tmp_path / "m" / "eval_windows" / "quarot_w16a16.json").read_text())
+    # the result records the whole setting it was made under (the group size too), its tag names the file
+    assert result["config"]["quant"]["w_group_size"] == 0 and result["config"]["model"]["name"] == "tiny_qwen2"
+    assert path.stem == f"{qwen2[0]}" and path.stem.endswith(result["setting_tag"])
+    windows = json.loads((tmp_path / "m" / "eval_windows" / path.name).read_text())
     assert len(windows["window_nll"]) == 3 and windows["text_sha256"] == result["corpus_text_sha256"]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")

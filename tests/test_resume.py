@@ -6,7 +6,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
+from pipeline.infra import paths
 from pipeline.infra.artifacts import load_tensors
+from pipeline.infra.config import select_variant
 from pipeline.steps import calibrate, rotate
 from pipeline.train import loop as train_module
 
@@ -20,8 +22,13 @@ def _cfg(tmp_path, tag: str):
         return compose(config_name="config", overrides=overrides)
 
 
+def _set_path(cfg, folder=paths.rotations):
+    """Where the hand run of ``cfg`` writes its global set (``paths.train_checkpoint``: its checkpoint)."""
+    return folder(cfg, select_variant(cfg)[1].sources["global"], "global")
+
+
 def _result(tmp_path, tag: str) -> dict[str, torch.Tensor]:
-    return load_tensors(tmp_path / tag / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors")[0]
+    return load_tensors(_set_path(_cfg(tmp_path, tag)))[0]
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch, capsys):
@@ -44,9 +51,9 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rotate, "train_rotations", killed_after_two_steps)
     with pytest.raises(KeyboardInterrupt):
         rotate.run(killed)
-    ckpt = tmp_path / "killed" / "a" / "checkpoints" / "spinquant_w4a4kv4" / "global.safetensors"
+    ckpt = _set_path(killed, paths.train_checkpoint)
     assert ckpt.is_file()
-    assert not (tmp_path / "killed" / "a" / "rotations" / "spinquant_w4a4kv4" / "global.safetensors").exists()
+    assert not _set_path(killed).exists()
 
     monkeypatch.setattr(rotate, "train_rotations", real)
     rotate.run(killed)

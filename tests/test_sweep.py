@@ -9,7 +9,10 @@ import sys
 import torch
 
 from conftest import ROOT, SHARED_DATA, model_cfg
+from pipeline.infra import paths
 from pipeline.infra.artifacts import save_tensors
+from pipeline.infra.config import compose_pipeline
+from pipeline.infra.settings import SETTING_KEY, calib_setting, record
 from pipeline.methods import MethodSpec, make_rotations
 from pipeline.model.load import load_model, model_fingerprint
 
@@ -70,8 +73,9 @@ def test_sweep_streamed_gives_the_whole_model_rows(tmp_path):
     sets = _sets(tmp_path)
     fingerprint = model_fingerprint(load_model(model_cfg("tiny_llama"))[0])
     calib = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
-    save_tensors(tmp_path / "artifacts" / "calib" / "windows.safetensors", {"windows": calib},
-                 {"fingerprint": fingerprint})  # GPTQ's calibration windows, as the calibrate stage writes them
+    cfg = compose_pipeline(["quant@variants.rtn.quant=w4a4kv4", *TINY])  # the sweep's config
+    save_tensors(tmp_path / paths.calib_windows(cfg), {"windows": calib},  # GPTQ's windows, as calibrate writes them
+                 {"fingerprint": fingerprint, SETTING_KEY: record(calib_setting(cfg))})
     tables = {}
     for stream in ("true", "false"):
         out = tmp_path / f"{stream}.csv"

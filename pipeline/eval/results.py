@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..infra.errors import PipelineError
+from ..infra.settings import differences, flat
 
 # what may differ between the runs one row pools: the seed is the point, the rest says where, when and
 # how (layer by layer or whole) the same configuration ran; everything else (model, method, quant, weight
@@ -28,17 +29,6 @@ class SeedResult(NamedTuple):
     windows: dict
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    """``{"a.b": value}`` of a nested dict."""
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def run_config(run: SeedResult) -> dict:
     """The configuration a run was made under as ``{"dotted.key": value}``, less every key named in
     ``POOLED`` at any depth (a seed reaches ``train.seed`` and every ``method.seed`` too): its eval json's
@@ -47,7 +37,27 @@ def run_config(run: SeedResult) -> dict:
     if config is None:
         config = {"method": run.result["method"], "quant": run.result["quant"],
                   "weights": run.result.get("weights", "rtn"), "corpus": run.result.get("corpus")}
-    return {k: v for k, v in _flat(config).items() if k.rsplit(".", 1)[-1] not in POOLED}
+    return _unpooled(flat(config))
+
+
+def _unpooled(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k.rsplit(".", 1)[-1] not in POOLED}
+
+
+def check_made_under(name: str, runs: list[SeedResult], expected: dict) -> None:
+    """Every run of variant ``name`` was made under ``expected`` (``settings.output_setting`` of the
+    variant in the reader's config), the keys of ``POOLED`` aside: one line naming the file and both
+    values if not. A run that records no setting was made by an older version: rerun its eval."""
+    want = _unpooled(flat(expected))
+    for run in runs:
+        if "config" not in run.result:
+            raise PipelineError(f"{run.path} records no setting (made by an older version): rerun the eval "
+                                f"stage of variant {name}")
+        diff = differences(run_config(run), want)
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise PipelineError(f"{run.path} was made under another setting than variant {name}'s: {shown}: "
+                                "rerun its stages")
 
 
 def check_one_config(name: str, runs: list[SeedResult]) -> dict:

@@ -35,6 +35,7 @@ from ..model.adapters import adapter_for
 from ..infra.artifacts import SAFETENSORS_DTYPES, SafetensorsFile, atomic_dir, check_finite, file_sha256, is_finite, load_tensors
 from ..infra.devices import DTYPES, dtype_name
 from ..infra.errors import PipelineError
+from ..infra.settings import SETTING_KEY, check_setting
 from ..methods import MethodSpec, attach_online_ops, empty_transitions, quant_spec
 from ..model.load import model_fingerprint
 from ..model.streaming import empty_model, open_model, release
@@ -206,10 +207,12 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, index
 
 
-def check_made_for(folder: str | Path, model_cfg, method: MethodSpec, quant: QuantSpec) -> dict[str, Any]:
+def check_made_for(folder: str | Path, model_cfg, method: MethodSpec, quant: QuantSpec,
+                   setting: dict | None = None) -> dict[str, Any]:
     """Refuse (one line naming the folder) a checkpoint that was not made for the configured model,
     method and quant: what the checkpoint records (its model's fingerprint and name, its method and
-    quant specs) must be what the consumer is about to label its results with. Returns its config."""
+    quant specs, and with ``setting`` the whole setting it was fused under, ``settings.output_setting``)
+    must be what the consumer is about to label its results with. Returns its config."""
     folder = Path(folder)
     config, _ = _read_config(folder)
     skeleton = open_model(model_cfg, torch.float32)[0]  # sizes only; no weights read
@@ -224,6 +227,8 @@ def check_made_for(folder: str | Path, model_cfg, method: MethodSpec, quant: Qua
             shown = ", ".join(f"{k}={recorded.get(k) if isinstance(recorded, dict) else '?'} (config: {wanted[k]})"
                               for k in diff[:3])
             raise PipelineError(f"{folder} holds another {what} than the configured one: {shown}; rerun fuse")
+    if setting is not None:
+        check_setting(folder, config.get(SETTING_KEY), setting, "rerun fuse with this run's settings")
     return config
 
 

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .errors import PipelineError, check_int
-from . import devices
+from . import devices, settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -131,19 +131,30 @@ def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
 
     With ``variant=NAME`` (DVC stages), ``variants.NAME.{method,quant,approx}`` replace the top-level
     ones; ``variants.NAME.global_from``/``layerwise_from`` reuse another variant's trained set (same
-    rotation method and quant, checked). Without it (hand runs), rotations are named
-    ``<method>_<quant>`` and outputs ``<method>_<quant>[_gptq][_r<rank>]``.
+    rotation method and quant, checked). Without it (hand runs), every name ends in a tag of the whole
+    setting it depends on (``settings``), so hand runs that differ in any setting never share a path:
+    rotation sets ``<method>-<tag>``, subspaces ``<method>_r<rank>-<tag>`` and outputs
+    ``<method>_<quant>[_gptq][_r<rank>]-<tag>``, ``<quant>`` the label of the quant fields
+    (``settings.quant_label``).
     """
     name = cfg.get("variant")
     out = cfg.copy()
     if not name:
-        base = f"{cfg.method.name}_{cfg.quant.name}"
+        base = f"{cfg.method.name}_{settings.quant_label(cfg.quant)}"
+        stage = "layerwise" if cfg.method.get("per_layer") else "global"
+        # a rotation set and a subspace are named by the method alone: the quant fields they depend on
+        # (training's activation quantizer) are in their tags, the weight quantizer is not
+        rotations = f"{cfg.method.name}-{settings.setting_tag(settings.rotation_setting(cfg, stage))}"
         name = base + ("_gptq" if cfg.quant.get("weight_method") == "gptq" else "")
+        subspace = rotations
         if cfg.method.get("transition") == "low_rank":
-            name += f"_r{cfg.approx.rank}" + (f"{cfg.approx.energy:g}" if cfg.approx.rank == "adaptive" else "")
+            rank = f"_r{cfg.approx.rank}" + (f"{cfg.approx.energy:g}" if cfg.approx.rank == "adaptive" else "")
+            name += rank
+            # the subspace depends on the rotations and the approximation, not on the weight quantizer
+            subspace = f"{cfg.method.name}{rank}-{settings.setting_tag(settings.subspace_setting(cfg))}"
+        name += f"-{settings.setting_tag(settings.output_setting(cfg))}"
         with open_dict(out):
-            # the subspace depends on the rotations and the rank, not on the weight quantizer
-            out.sources = {"global": base, "layerwise": base, "subspace": base + name[len(base):].replace("_gptq", "")}
+            out.sources = {"global": rotations, "layerwise": rotations, "subspace": subspace}
         return name, out
     variants = cfg.get("variants") or {}
     if name not in variants:
@@ -166,9 +177,6 @@ def select_variant(cfg: DictConfig) -> tuple[str, DictConfig]:
     return str(name), out
 
 
-_ROTATION_FIELDS = ("r1", "r2", "seed", "train", "online_r3", "online_r4")
-
-
 def _check_source(variants: DictConfig, name: str, source: str, stage: str, weights_in_training: bool) -> None:
     """A variant may reuse ``source``'s rotation set only if that set was made the same way: same
     rotation method, same activation/KV quant (and weight quant when training quantizes weights)."""
@@ -178,7 +186,7 @@ def _check_source(variants: DictConfig, name: str, source: str, stage: str, weig
     mine, theirs = variants[name], variants[source]
     if stage == "layerwise" and not theirs.method.get("per_layer"):
         raise PipelineError(f"{where}: {source} has no per-layer rotations")
-    differ = [f for f in _ROTATION_FIELDS if mine.method.get(f) != theirs.method.get(f)]
+    differ = [f for f in settings.ROTATION_FIELDS if mine.method.get(f) != theirs.method.get(f)]
     trained_with = ["a_bits", "kv_bits", "a_clip_ratio", "kv_clip_ratio"]
     if weights_in_training:  # training fake-quantizes weights with RTN on this grid
         trained_with += ["w_bits", "w_mse_clip", "w_group_size"]

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from . import settings
+
 
 def artifacts(cfg: DictConfig) -> Path:
     return Path(cfg.paths.artifacts)
@@ -15,7 +17,9 @@ def metrics(cfg: DictConfig) -> Path:
 
 
 def calib_windows(cfg: DictConfig) -> Path:
-    return artifacts(cfg) / "calib" / "windows.safetensors"
+    """The calibration windows, named by the tag of their setting (model, text, count, length, seed), so
+    calibrations under other settings (a hand run with another seed, say) sit side by side."""
+    return artifacts(cfg) / "calib" / f"windows-{settings.setting_tag(settings.calib_setting(cfg))}.safetensors"
 
 
 def rotations(cfg: DictConfig, name: str, stage: str = "global") -> Path:

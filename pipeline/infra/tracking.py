@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .artifacts import output_lock
 from .config import REPO_ROOT
+from .settings import quant_label
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, str]:
@@ -100,7 +101,7 @@ def stage_run(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[
     if "method" in cfg:
         tags["method"] = str(cfg.method.name)
     if "quant" in cfg:
-        tags["quant"] = str(cfg.quant.name)
+        tags["quant"] = quant_label(cfg.quant)  # from the fields: a hand override of a bit-width shows
         tags["weights"] = str(cfg.quant.get("weight_method", "rtn"))
     run_name = f"{stage}/{name}" if name else stage
     if cfg.get("seed", 0):  # a seed run (pipeline.tools.seed_runs): its runs group by variant and seed

@@ -10,6 +10,7 @@ from ..infra import devices, paths
 from ..infra.artifacts import open_tensors, save_tensors, write_csv, write_json
 from ..infra.config import select_variant
 from ..infra.errors import PipelineError
+from ..infra.settings import SETTING_KEY, check_setting, record, rotation_setting, subspace_setting
 from ..methods import MethodSpec, check_rotations
 from ..model.load import model_fingerprint
 from ..model.streaming import open_model
@@ -30,7 +31,10 @@ def run(cfg: DictConfig) -> None:
     fingerprint = model_fingerprint(model)
     dims = model.config
     spec.check_hidden(dims.hidden_size, model=cfg.model.name)
-    rotations, _ = open_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
+    rot_path = paths.rotations(cfg, cfg.sources["layerwise"], "layerwise")
+    rotations, rot_meta = open_tensors(rot_path, fingerprint)
+    check_setting(rot_path, rot_meta.get(SETTING_KEY), rotation_setting(cfg, "layerwise"),
+                  f"rerun rotate_layerwise of {cfg.sources['layerwise']} with this run's settings")
     check_rotations(rotations, method, model)
     with stage_run(cfg, "approximate", name):
         # the float64 eigh/SVD math runs on the device (factory calls inside default to it too), one
@@ -41,7 +45,7 @@ def run(cfg: DictConfig) -> None:
         summary = summarize(rows)
         meta = {"fingerprint": fingerprint, "model": cfg.model.name, "rotations": rotation_digest(rotations),
                 "approx": json.dumps(OmegaConf.to_container(cfg.approx, resolve=True)),
-                SUBSPACE_CHAINED: json.dumps(method.chained)}
+                SUBSPACE_CHAINED: json.dumps(method.chained), SETTING_KEY: record(subspace_setting(cfg))}
         save_tensors(paths.subspace(cfg, cfg.sources["subspace"]), {k: v.to("cpu", torch.float32) for k, v in tensors.items()}, meta)
         csv_path = paths.approx_metrics(cfg, name)
         write_csv(csv_path, rows)

@@ -11,6 +11,7 @@ from ..eval.act_stats import activation_stats_streamed, summarize_stats
 from ..infra.artifacts import save_tensors, write_csv, write_json
 from ..eval.data import calibration_text, check_seqlen, sample_windows, text_digest, tokenize
 from ..infra.errors import PipelineError
+from ..infra.settings import SETTING_KEY, calib_setting, record
 from ..model.load import max_positions, model_fingerprint
 from ..model.streaming import SourceLayers, open_model
 from ..infra.tracking import stage_run
@@ -34,7 +35,8 @@ def run(cfg: DictConfig) -> None:
         rows = activation_stats_streamed(model, layers, windows[: cfg.calib.stats_windows])
         save_tensors(
             paths.calib_windows(cfg), {"windows": windows},
-            {"fingerprint": fingerprint, "model": cfg.model.name, "source": cfg.data.calib_source},
+            {"fingerprint": fingerprint, "model": cfg.model.name, "source": cfg.data.calib_source,
+             SETTING_KEY: record(calib_setting(cfg))},
         )
         write_csv(paths.act_stats(cfg, "original"), rows)
         metrics = {"calib_tokens_available": ids.numel(), "calib_windows": windows.shape[0],

@@ -21,6 +21,7 @@ from ..infra.config import select_variant
 from ..eval.data import check_seqlen, corpus_text, eval_corpus_windows
 from ..infra.devices import choose_stream, resolve_device
 from ..infra.errors import PipelineError
+from ..infra.settings import output_setting, quant_label, setting_tag
 from ..methods import MethodSpec, quant_spec
 from ..model.load import max_positions
 from ..eval.perplexity import perplexity, perplexity_streamed
@@ -45,7 +46,8 @@ def run(cfg: DictConfig) -> None:
         raise PipelineError(f"{folder} is evaluated layer-sequentially (eval.stream), which measures perplexity "
                             "only: zero-shot needs the whole model in memory; set eval.tasks=[] or eval.stream=false")
     # the results are labelled with cfg's model, method and quant: the checkpoint must be theirs
-    check_made_for(folder, cfg.model, MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant))
+    setting = output_setting(cfg)
+    check_made_for(folder, cfg.model, MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant), setting)
     if stream:
         model, reader = open_quantized(folder, device)
     else:
@@ -64,10 +66,11 @@ def run(cfg: DictConfig) -> None:
         if tasks:
             zeroshot = evaluate_zeroshot(model, tok, cfg.data, tasks, cfg.eval.limit,
                                          batch_size=cfg.eval.batch_size, seed=cfg.seed)
-        write_json(paths.eval_metrics(cfg, name), {"method": cfg.method.name, "quant": cfg.quant.name,
+        write_json(paths.eval_metrics(cfg, name), {"method": cfg.method.name, "quant": quant_label(cfg.quant),
                                                    "weights": cfg.quant.get("weight_method", "rtn"),
                                                    "seed": cfg.get("seed", 0), "layer_sequential": stream,
-                                                   "corpus": corpus_name, f"{key}_text_sha256": digest, **metrics, **zeroshot})
+                                                   "corpus": corpus_name, f"{key}_text_sha256": digest, **metrics, **zeroshot,
+                                                   "setting_tag": setting_tag(setting), "config": setting})
         write_json(paths.eval_windows(cfg, name), {"seed": cfg.get("seed", 0),
                                                    "corpus": corpus_name, "text_sha256": digest, "seqlen": windows.shape[1],
                                                    "window_nll": result["window_nll"]})

@@ -17,6 +17,7 @@ from ..infra.artifacts import load_tensors, write_csv
 from ..infra.config import select_variant
 from ..eval.data import check_seqlen, wikitext2_windows
 from ..infra.errors import PipelineError
+from ..infra.settings import SETTING_KEY, calib_windows, check_setting, rotation_setting
 from ..fuse.fused_ppl import fused_perplexity, should_stream
 from ..methods import MethodSpec, check_rotations, quant_spec
 from ..model.load import max_positions, model_fingerprint
@@ -41,14 +42,17 @@ def run(cfg: DictConfig) -> None:
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
     fingerprint = model_fingerprint(model)
     n_layers = model.config.num_hidden_layers
-    rotations, _ = load_tensors(paths.rotations(cfg, cfg.sources["layerwise"], "layerwise"), fingerprint)
+    rot_path = paths.rotations(cfg, cfg.sources["layerwise"], "layerwise")
+    rotations, rot_meta = load_tensors(rot_path, fingerprint)
+    check_setting(rot_path, rot_meta.get(SETTING_KEY), rotation_setting(cfg, "layerwise"),
+                  f"rerun rotate_layerwise of {cfg.sources['layerwise']} with this run's settings")
     check_rotations(rotations, method, model)
     for spec in specs:  # refuse a bad rank before the first (minutes-long) fuse
         spec.check_hidden(model.config.hidden_size, f"rank_sweep.ranks: {spec.rank}")
     del model
     windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.rank_sweep.max_windows)
     windows = windows.to(device)  # fed to the model as they are
-    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"].to(device) if quant.weight_method == "gptq" else None
+    calib = calib_windows(paths.calib_windows(cfg), cfg, fingerprint).to(device) if quant.weight_method == "gptq" else None
     rows = []
     with stage_run(cfg, "rank_sweep", name):
         mlflow.log_param("layer_sequential", stream)

@@ -18,13 +18,15 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..infra import paths
 from ..infra.artifacts import atomic_path, write_csv
 from ..eval.cells_report import matrix_markdown, matrix_rows
+from ..infra.config import select_variant
 from ..infra.errors import PipelineError
-from ..eval.results import SeedResult, check_one_config, check_paired
+from ..infra.settings import output_setting
+from ..eval.results import SeedResult, check_made_under, check_one_config, check_paired
 from ..eval.seed_stats import mean_std, paired_ratio
 from ..infra.tracking import stage_run
 
@@ -188,6 +190,9 @@ def run(cfg: DictConfig) -> None:
     if not cfg.get("variants"):
         raise PipelineError("report compares the variants of conf/pipeline.yaml: run it as DVC does "
                             "(python stages/report.py -cd . -cn params)")
+    tables = seed_results(paths.metrics(cfg), list(cfg.variants), list(cfg.report.get("seeds") or [0]))
+    for name, runs in tables.items():  # every run read was made under its variant's setting here
+        check_made_under(name, runs, output_setting(select_variant(OmegaConf.merge(cfg, {"variant": name}))[1]))
     rows = method_rows(cfg)
     if not rows:
         raise PipelineError("variants is empty: nothing to report")

@@ -21,6 +21,7 @@ from ..infra.artifacts import load_tensors, save_tensors, tensor_digest, write_c
 from ..infra.config import select_variant
 from ..infra.devices import choose_stream, model_dtype, resolve_device
 from ..infra.errors import PipelineError
+from ..infra.settings import SETTING_KEY, calib_windows, check_setting, record, rotation_setting
 from ..methods import MethodSpec, check_rotations, make_rotations, per_layer_bases, prepare_base, quant_spec
 from ..model.load import cache_dir, load_model, model_fingerprint
 from ..train.streamed import stream_for_training
@@ -58,8 +59,7 @@ def _train(cfg: DictConfig, model, rotations: TrainableRotations, spec: TrainSpe
            init: dict[str, torch.Tensor], fingerprint: str, name: str, stage: str, device: torch.device) -> TrainState:
     """Train ``rotations`` (parametrizing ``model``) on the calibration windows, resuming a checkpoint
     of this very run, checkpointing as it goes."""
-    windows, _ = load_tensors(paths.calib_windows(cfg), fingerprint)
-    windows = windows["windows"].to(device)
+    windows = calib_windows(paths.calib_windows(cfg), cfg, fingerprint).to(device)
     # a checkpoint resumes only the very same run: same settings, ranks, calibration tokens and start
     signature = json.dumps({"train": asdict(spec), "quant": asdict(train_quant), "method": asdict(method),
                             "windows": tensor_digest(windows), "init": tensor_digest(*init.values()),
@@ -116,14 +116,18 @@ def run(cfg: DictConfig) -> None:
     if stage == "global":
         init = make_rotations(global_method, model)
     else:
-        global_set, _ = load_tensors(paths.rotations(cfg, cfg.sources["global"], "global"), fingerprint)
+        global_path = paths.rotations(cfg, cfg.sources["global"], "global")
+        global_set, global_meta = load_tensors(global_path, fingerprint)
+        check_setting(global_path, global_meta.get(SETTING_KEY), rotation_setting(cfg, "global"),
+                      f"rerun rotate_global of {cfg.sources['global']} with this run's settings")
         check_rotations(global_set, global_method, model)
         init = {k: v for k, v in global_set.items() if k.startswith("R2.")}
         init.update(per_layer_bases(global_set["R1"], model.config.num_hidden_layers))
     name = cfg.sources[stage]  # the rotation set's name (a variant may reuse another's global set)
     out = paths.rotations(cfg, name, stage)
     meta = {"fingerprint": fingerprint, "model": cfg.model.name, "method": method.name, "stage": stage,
-            "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True))}
+            "method_config": json.dumps(OmegaConf.to_container(cfg.method, resolve=True)),
+            SETTING_KEY: record(rotation_setting(cfg, stage))}
 
     if not method.train:
         if not ddp.is_main():

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..infra.artifacts import write_json
 from ..infra.config import CONF_DIR, REPO_ROOT, compose_pipeline, select_variant
 from ..infra.errors import PipelineError, cli_errors_as_one_line
+from ..infra.settings import NOT_RESULT
 from .seed_runs import stage_plan
 
 MATRIX_FILE = CONF_DIR / "matrix.yaml"
@@ -49,8 +50,11 @@ SCRATCH_DIR = Path("runs") / "cells"
 # estimate until a result of the same quant and weights has measured them
 DEFAULT_SECONDS = {"calibrate": 60, "train_rotation:global": 240, "train_rotation:layerwise": 420,
                    "approximate": 60, "fuse": 180, "eval": 150}
+# the version of what stage artifacts record (2: their setting and a digest of their data); a change
+# reruns the stages of unfinished cells (stage markers), never a finished result
+ARTIFACT_FORMAT = 2
 # settings that change where or how fast a stage runs, not what it computes
-_NOT_IN_HASH = {"train": ("device", "stream", "fsdp", "grad_checkpointing", "checkpoint_every"),
+_NOT_IN_HASH = {"train": NOT_RESULT["train"],
                 "eval": ("stream", "batch_size", "tasks", "limit")}
 
 
@@ -160,6 +164,8 @@ def cell_config_key(cfg: DictConfig, cell: Cell) -> dict:
     config, so a change of reporting, benchmark or path settings does not invalidate finished stages."""
     resolved = result_config(cfg, cell, cell.variants[0])
     resolved.pop("variant")
+    # artifacts made before they recorded their setting and data digest are not read by today's stages
+    resolved["artifact_format"] = ARTIFACT_FORMAT
     all_variants = OmegaConf.to_container(cfg.variants, resolve=True)
     resolved["variants"] = {name: {k: v.get(k) for k in ("method", "quant", "approx", "global_from", "layerwise_from")}
                             for name, v in all_variants.items()}

@@ -25,6 +25,7 @@ from ..infra.artifacts import load_tensors
 from ..infra import devices, paths
 from ..infra.config import CONF_DIR, compose_pipeline
 from ..eval.data import wikitext2_windows
+from ..infra.settings import calib_windows
 from ..infra.errors import PipelineError, cli_errors_as_one_line
 from ..fuse.fused_ppl import fused_perplexity, should_stream
 from ..methods import MethodSpec, quant_spec
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
     dims = model.config
     windows, _ = wikitext2_windows(cfg.data, tok, cfg.eval.seqlen, cfg.eval.max_windows)
     windows = windows.to(device)
-    calib = load_tensors(paths.calib_windows(cfg), fingerprint)[0]["windows"].to(device) if "gptq" in args.weights else None
+    calib = calib_windows(paths.calib_windows(cfg), cfg, fingerprint).to(device) if "gptq" in args.weights else None
     rotations = {name: load_tensors(path, fingerprint)[0] for name, path in sets.items()}
     rows: list[tuple[str, MethodSpec, dict, dict | None, dict]] = [("rtn", methods["rtn"], {}, None, {})]
     for name in ("quarot", "spinquant", "layerwise"):
