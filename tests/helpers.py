@@ -3,11 +3,15 @@ specs, a prepared (fused, quantized) model."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, SHARED_DATA, model_cfg
 from pipeline.infra.config import CONF_DIR, resolve_auto_dtype, select_variant
@@ -21,11 +25,28 @@ from pipeline.train.trainable import TrainableRotations, parametrize_rotations
 
 
 # --- stage scripts run as a user runs them ---
+_MLFLOW_TEMPLATE: list[Path] = []
+
+
+def mlflow_uri(tmp_path) -> str:
+    """A sqlite MLflow store of the test's own (``tmp_path/mlflow.db``), copied from an empty store made
+    once per session: a fresh store costs ~2 s of schema migrations, paid by every stage test before.
+    (tests/test_publish.py still creates two fresh stores at once, the case that needs it.)"""
+    db = Path(tmp_path) / "mlflow.db"
+    if not db.exists():
+        if not _MLFLOW_TEMPLATE:
+            folder = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+            MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()  # creates the schema
+            _MLFLOW_TEMPLATE.append(folder / "mlflow.db")
+        shutil.copyfile(_MLFLOW_TEMPLATE[0], db)
+    return f"sqlite:///{db}"
+
+
 def run_stage(tmp_path, script: str, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     args = [sys.executable, str(ROOT / "stages" / script),
             f"paths.artifacts={tmp_path / 'a'}", f"paths.metrics={tmp_path / 'm'}", *overrides]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "RSQ_DATA_DIR": str(SHARED_DATA), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "RSQ_DATA_DIR": str(SHARED_DATA), "MLFLOW_TRACKING_URI": mlflow_uri(tmp_path),
                 **(env or {})}
     return subprocess.run(args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
 

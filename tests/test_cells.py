@@ -9,6 +9,7 @@ import yaml
 
 from pipeline.tools import cells
 from pipeline.tools.cells import Cell, cells_of, load_matrix
+from helpers import mlflow_uri
 
 TINY = ["train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=0",
         "calib.stats_windows=1", "eval.seqlen=128"]
@@ -73,7 +74,7 @@ def test_result_config_ignores_where_it_ran(tmp_path):
 def test_cell_runs_resumes_and_skips(tmp_path, monkeypatch, capsys):
     """One tiny cell end to end: the result file, then a rerun that runs nothing, a lost result rebuilt
     from the stage markers without rerunning a stage, a changed config rerun, and a deadline stop."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri(tmp_path))
     _, path = _matrix(tmp_path)
     dirs = ["--results", str(tmp_path / "results"), "--scratch", str(tmp_path / "scratch")]
     cells.main(["--matrix", path, *dirs])

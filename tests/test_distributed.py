@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT, SHARED_DATA
 from pipeline.infra.artifacts import load_tensors
-from helpers import one_line_error, run_stage
+from helpers import mlflow_uri, one_line_error, run_stage
 
 TINY = ["+model=tiny_llama", "method=spinquant", "train.windows=4", "train.seqlen=64", "train.steps=3",
         "train.batch_size=2", "train.checkpoint_every=0", "calib.stats_windows=1"]
@@ -35,7 +35,7 @@ def _rotations(tmp_path):
 def _single_process_run(tmp_path) -> tuple[dict, str, list[str], dict[str, torch.Tensor]]:
     """Calibrate, then train in one process: ``(env, stage script, common overrides, its rotations)``."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RSQ_DATA_DIR": str(SHARED_DATA),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
+           "MLFLOW_TRACKING_URI": mlflow_uri(tmp_path), "OMP_NUM_THREADS": "1"}
     common = [f"paths.artifacts={tmp_path / 'a'}", *TINY]
     _run([sys.executable, str(ROOT / "stages" / "calibrate.py"), *common, f"paths.metrics={tmp_path / 'm'}"],
          tmp_path, env)

@@ -6,6 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT
+from helpers import mlflow_uri
 from pipeline.infra import paths
 from pipeline.infra.artifacts import load_tensors
 from pipeline.infra.config import select_variant
@@ -17,7 +18,7 @@ def _cfg(tmp_path, tag: str):
     overrides = ["+model=tiny_llama", "method=spinquant", "train.windows=4", "train.seqlen=48", "train.steps=4",
                  "train.batch_size=2", "train.checkpoint_every=1", "calib.stats_windows=1",
                  f"paths.artifacts={tmp_path / tag / 'a'}", f"paths.metrics={tmp_path / tag / 'm'}",
-                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+                 f"mlflow.tracking_uri={mlflow_uri(tmp_path)}"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 

@@ -91,12 +91,14 @@ def stage_command(stage: str, folder: Path, work: Path, args: argparse.Namespace
               "calib.stats_windows=1", f"quant.weight_method={args.weights}"]
     script = {"calibrate": "calibrate.py", "rotate_global": "train_rotation.py", "rotate_layerwise": "train_rotation.py",
               "approximate": "approximate.py", "fuse": "fuse.py", "eval": "eval.py"}[stage]
+    # Every stage gets the training overrides: they are part of the setting that names and checks the
+    # rotation sets, subspaces and checkpoints downstream (pipeline/infra/settings.py).
     train = [f"train.steps={args.train_steps}", "train.batch_size=1", "train.checkpoint_every=0",
              f"train.stream={args.train_stream}"]
-    extra = {"rotate_global": train, "rotate_layerwise": ["rotation_stage=layerwise", *train],
+    extra = {"rotate_layerwise": ["rotation_stage=layerwise"],
              "eval": [f"eval.max_windows={args.eval_windows}", f"eval.seqlen={args.eval_seqlen}", "eval.tasks=[]",
                       "eval.stream=true"]}.get(stage, [])
-    return [sys.executable, str(REPO_ROOT / "stages" / script), *common, *extra]
+    return [sys.executable, str(REPO_ROOT / "stages" / script), *common, *train, *extra]
 
 
 def applies(stage: str, method: str) -> bool:
