@@ -48,3 +48,34 @@ def test_dead_inputs_get_zero_codes():
     H[:, 5] = 0
     codes, _ = gptq(W, H, 4)
     assert (codes[:, 5] == 0).all()
+
+
+def test_hessians_of_an_early_stopped_forward_equal_the_whole_layers():
+    """``collect_hessians`` stops each window's forward once the group's linears have seen it: the
+    Hessians are bit-equal to those of the whole layer's forward, and the later linears never run."""
+    from helpers import QUAROT, W4A4, prepared_model
+
+    from pipeline.model.adapters import adapter_for, get_linear
+    from pipeline.model.streaming import layer_inputs, run_layer
+    from pipeline.quant.gptq import _Hessian, collect_hessians
+
+    model, _, _ = prepared_model("tiny_llama", QUAROT, W4A4)
+    adapter = adapter_for(model)
+    layer = adapter.layers(model)[0]
+    windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(5))
+    inputs, kwargs = layer_inputs(model, layer, windows)
+    writer_calls = []
+    probe = get_linear(layer, adapter.MLP_WRITER).register_forward_pre_hook(lambda m, a: writer_calls.append(1))
+    for group in (adapter.ATTN_READERS, (adapter.ATTN_WRITER,), adapter.MLP_READERS, (adapter.MLP_WRITER,)):
+        whole = {name: _Hessian() for name in group}
+        handles = [get_linear(layer, n).register_forward_pre_hook(whole[n].add) for n in group]
+        run_layer(layer, inputs, kwargs)
+        for h in handles:
+            h.remove()
+        writer_calls.clear()
+        early = collect_hessians(layer, group, inputs, kwargs)
+        for name in group:
+            assert early[name].n == whole[name].n > 0
+            assert torch.equal(early[name].take(), whole[name].take()), (group, name)
+        assert len(writer_calls) == (len(inputs) if group == (adapter.MLP_WRITER,) else 0)
+    probe.remove()
