@@ -202,7 +202,9 @@ def test_rank_sweep_streamed_equals_in_memory_and_bad_stream_is_one_line(tmp_pat
                       env={"RSQ_CACHE_DIR": str(tmp_path / "cache")})
         assert proc.returncode == 0, proc.stderr[-2000:]
         (table,) = (tmp_path / "m" / "rank_sweep").glob("*.csv")
-        ppl[stream] = [(r["rank"], r["wikitext2_ppl"]) for r in csv.DictReader(table.open())]
+        rows = list(csv.DictReader(table.open()))
+        assert {r["weights"] for r in rows} == {"rtn"}  # rank_sweep.weight_method's default
+        ppl[stream] = [(r["rank"], r["wikitext2_ppl"]) for r in rows]
     assert len(ppl["true"]) == 1 and ppl["true"] == ppl["false"]
 
 

@@ -3,14 +3,16 @@
 For each ``rank_sweep.ranks`` value the variant's per-layer set is approximated at that rank, fused in
 memory with the variant's method and quant (no checkpoint written; ``rank_sweep.stream``: layer by
 layer through a temporary checkpoint when the model does not fit, ``fused_ppl``) and evaluated on the
-first ``rank_sweep.max_windows`` WikiText-2 test windows of ``eval.seqlen`` tokens.
+first ``rank_sweep.max_windows`` WikiText-2 test windows of ``eval.seqlen`` tokens. The weights are
+quantized with ``rank_sweep.weight_method`` (default ``rtn``; null = the variant's own): the sweep is a
+diagnostic of the transition's rank, and six GPTQ fuses would cost the default ``dvc repro`` ~15 min.
 """
 from __future__ import annotations
 
 import time
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..infra import devices, paths
 from ..infra.artifacts import load_tensors, write_csv
@@ -30,7 +32,9 @@ def run(cfg: DictConfig) -> None:
     import mlflow
 
     name, cfg = select_variant(cfg)
-    method, quant = MethodSpec.from_cfg(cfg.method), quant_spec(cfg.quant)
+    method = MethodSpec.from_cfg(cfg.method)
+    weights = cfg.rank_sweep.get("weight_method") or cfg.quant.weight_method
+    quant = quant_spec({**OmegaConf.to_container(cfg.quant, resolve=True), "weight_method": weights})
     if method.transition != "low_rank":
         raise PipelineError(f"rank_sweep needs a low-rank (respinquant) variant; {name} uses method {method.name}")
     specs = [ApproxSpec.from_cfg({"rank": r, "energy": cfg.approx.energy}) for r in cfg.rank_sweep.ranks]
@@ -68,7 +72,7 @@ def run(cfg: DictConfig) -> None:
                          "mean_energy": summary["approx_mean_energy"],
                          "mean_rel_error": summary["approx_mean_rel_error"],
                          "mean_basis_error": summary["approx_mean_basis_error"], "wikitext2_ppl": ppl,
-                         "windows": windows.shape[0], "seconds": round(time.perf_counter() - start, 1)})
+                         "windows": windows.shape[0], "weights": quant.weight_method, "seconds": round(time.perf_counter() - start, 1)})
             mlflow.log_metric("rank_sweep_ppl", ppl, step=int(round(summary["approx_mean_rank"])))
         write_csv(paths.rank_sweep(cfg, name), rows)
         mlflow.log_artifact(str(paths.rank_sweep(cfg, name)))
