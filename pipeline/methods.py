@@ -155,6 +155,27 @@ def check_rotations(rotations: dict[str, torch.Tensor], method: MethodSpec, mode
         got = tensor_shape(rotations, key)
         if got != shape:
             raise PipelineError(f"{key} has shape {got}, this model needs {shape}")
+    for key in expected:  # one matrix at a time: a lazy per-layer set stays on disk
+        check_orthogonal(key, rotations[key])
+
+
+ORTHO_TOL = 1e-4  # bound on ||R^T R x - x|| / ||x||; a float32-stored rotation is ~1e-6 from orthogonal
+ORTHO_PROBES = 8
+
+
+def check_orthogonal(key: str, R: torch.Tensor) -> None:
+    """Refuse (one line) a matrix that is not a rotation: ``max_j ||RᵀR x_j - x_j|| / ||x_j||`` over
+    ``ORTHO_PROBES`` seeded Gaussian probes ``x_j``, in float64, must be at most ``ORTHO_TOL``.
+
+    Probes cost O(n² · probes) where the exact ``RᵀR - I`` costs O(n³) (Llama-3-8B's per-layer set is
+    129 matrices of 4096²). A non-orthogonal ``R`` (``RᵀR - I = E ≠ 0``) passes only if every probe
+    lies near ``ker E``, which seeded Gaussian probes do with probability 0."""
+    R = R.detach().to("cpu", torch.float64)
+    x = torch.randn(R.shape[1], ORTHO_PROBES, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    err = ((R.T @ (R @ x) - x).norm(dim=0) / x.norm(dim=0)).max().item()
+    if not err <= ORTHO_TOL:  # NaN fails too
+        raise PipelineError(f"rotation {key} is not orthogonal: ||R^T R x - x|| / ||x|| = {err:.2e} "
+                            f"> {ORTHO_TOL:.0e}; it cannot be fused (rerun the stage that makes it)")
 
 
 def prepare_layer_base(layer: nn.Module, adapter: DecoderAdapter, method: MethodSpec, quant: QuantSpec) -> None:

@@ -9,7 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# the data dir: RSQ_DATA_DIR where set (the README's test command sets it), else ../shared/data
+SHARED_DATA = Path(os.environ.get("RSQ_DATA_DIR") or ROOT.parent / "shared" / "data").expanduser()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,6 +1,8 @@
 """Data: WikiText-2 offline joining, calibration source, deterministic windows."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -73,3 +75,80 @@ def test_byte_tokenizer_fast_path_equals_the_tokenizer():
         fast = tokenize(sample, tok)
         assert fast.dtype == torch.int64 and torch.equal(fast, slow)
     assert tokenize("abc", tok).numel() == 3 and tok.rsq_byte_ids.unique().numel() == 256
+
+
+def test_streamed_corpus_equals_the_whole_text_and_stops_reading_tokens_early(tmp_path, monkeypatch):
+    """Pieces cut at rows: the windows and the digest equal the one-pass ones (byte tokenizer, where
+    cutting cannot change tokens), for pieces far smaller than the file; BOM, CRLF, a multi-byte
+    character split across reads, a final row without newline."""
+    import pipeline.eval.data as data
+
+    rows = [f"row {i} caf\u00e9 \u2014 {'x' * (i % 37)}" for i in range(400)]
+    raw = ("\ufeff" + "\r\n\r\n".join(rows) + "\r\n  \n" + "last\r").encode()
+    path = tmp_path / "c.txt"
+    path.write_bytes(raw)
+    whole = data._join_rows(raw.decode().lstrip("\ufeff"), drop_blank=True)
+    assert data.corpus_text(path) == whole
+    monkeypatch.setattr(data, "CORPUS_READ", 7)  # reads split multi-byte characters and CRLFs
+    monkeypatch.setattr(data, "CORPUS_CHUNK", 300)
+    windows, digest, key = eval_corpus_windows({}, str(path), _ByteTokenizer(), 16)
+    assert windows.flatten().tolist() == list(whole.encode()[: windows.numel()]) and key == "corpus"
+    assert digest == data.text_digest(whole)
+    tokenized = []
+    monkeypatch.setattr(data, "tokenize", lambda text, tok: tokenized.append(len(text)) or torch.tensor(list(text.encode())))
+    few, few_digest, _ = eval_corpus_windows({}, str(path), _ByteTokenizer(), 16, 3)
+    assert torch.equal(few, windows[:3]) and few_digest == digest  # the digest still covers the whole file
+    assert sum(tokenized) <= 3 * 16 + 300 + 60  # tokenizing stopped once 3 windows were full
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device", "loop"])
+def test_a_corpus_that_is_not_a_regular_file_is_one_line(tmp_path, kind):
+    import os
+
+    path = tmp_path / "corpus"
+    if kind == "directory":
+        path.mkdir()
+        expected = "is a directory"
+    elif kind == "fifo":
+        os.mkfifo(path)
+        expected = "is not a regular file (a FIFO, device or socket)"
+    elif kind == "device":
+        path = "/dev/zero"
+        expected = "is not a regular file (a FIFO, device or socket)"
+    else:
+        path.symlink_to(path)
+        expected = "cannot read it (Too many levels of symbolic links)"
+    with pytest.raises(PipelineError, match=re.escape(f"eval.corpus={path}: {expected}")):
+        eval_corpus_windows({}, str(path), _ByteTokenizer(), 8)
+
+
+PEAK = """
+import resource, sys
+from pipeline.eval.data import eval_corpus_windows
+from pipeline.model.load import byte_tokenizer
+tok = byte_tokenizer()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the imports' peak, not the corpus's
+windows = eval_corpus_windows({}, sys.argv[1], tok, 256, 4)[0]
+print(windows.shape[0], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_corpus_memory_does_not_grow_with_the_file(tmp_path):
+    """The review's case (64 MiB of text took 14.3 GiB to evaluate 2 windows): the windowing's rise of
+    peak RSS (over the imports') for a 32 MiB corpus is within 24 MiB of a 2 MiB one's (one-pass
+    tokenization would hold the whole text, its bytes and its int64 tokens: over 300 MiB more)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    row = ("The quick brown fox jumps over the lazy dog. " * 20 + "\n").encode()
+    peaks = []
+    for mib in (2, 32):
+        path = tmp_path / f"c{mib}.txt"
+        path.write_bytes(row * (mib * 2**20 // len(row)))
+        out = subprocess.run([sys.executable, "-c", PEAK, str(path)], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+        assert out[0] == "4"
+        peaks.append(int(out[1]) / 1024)
+    assert peaks[1] - peaks[0] < 24, peaks

@@ -124,7 +124,7 @@ def test_training_checks_the_loss_after_the_last_step():
     ("train_rotation.py", "train.momentum=nan", "error: train.momentum=nan: must be a finite number", "rotations"),
     ("train_rotation.py", "train.steps=0", "error: train.steps=0: must be an integer >= 1", "rotations"),
     ("fuse.py", "quant.gptq_damp=nan", "error: quant.gptq_damp=nan: must be a finite number > 0", "fused"),
-    ("calibrate.py", "seed=abc", "error: seed='abc': must be an integer >= 0", "calib"),
+    ("calibrate.py", "seed=abc", "error: seed='abc': must be an integer in 0..9223372036854775807", "calib"),
     ("calibrate.py", "calib.seqlen=0", "error: calib.seqlen=0: must be an integer >= 2", "calib"),
     ("eval.py", "eval.max_windows=0", "error: eval.max_windows=0: must be null or an integer >= 1", "eval"),
 ])

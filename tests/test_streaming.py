@@ -16,7 +16,7 @@ from pipeline.model.adapters import adapter_for
 from pipeline.export.checkpoint import INDEX, open_quantized, save_quantized, shard_name
 from pipeline.infra.errors import PipelineError
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
-from pipeline.model.load import load_model, model_fingerprint
+from pipeline.model.load import WEIGHTS_ATTR, load_model, model_fingerprint, tag_weights
 from pipeline.eval.perplexity import perplexity, perplexity_streamed
 from pipeline.quant.quantizers import QuantSpec
 from pipeline.fuse.streamed import fuse_streamed
@@ -44,7 +44,8 @@ def _whole_and_streamed(tmp_path, name, method, rank, quant, source_of=None):
     save_quantized(tmp_path / "whole", model, tok, method, quant, fingerprint)
     config = copy.deepcopy(original.config)  # save_pretrained (source_of) adds keys to the config it saves
     source = source_of(original, tmp_path) if source_of else StateDictSource(original.state_dict())
-    skeleton = empty_model(config, torch.float32)
+    # what open_model does: a skeleton tagged with the source's weights_id (the same weights here)
+    skeleton = tag_weights(empty_model(config, torch.float32), getattr(model, WEIGHTS_ATTR))
     assert model_fingerprint(skeleton) == fingerprint
     streamed_rows = fuse_streamed(tmp_path / "streamed", skeleton, tok, source, method, rotations, quant,
                                   fingerprint, sub, CALIB, CALIB[:2])
@@ -134,7 +135,8 @@ def test_open_model_streams_a_local_folder(tmp_path):
     cfg.path = str(tmp_path / "hf")
     skeleton, tok, source = open_model(cfg, torch.float32)
     assert isinstance(source, SafetensorsSource) and not is_materialized(skeleton)
-    assert model_fingerprint(skeleton) == model_fingerprint(original)
+    # the streamed and the whole-model load of one folder agree (the weights_id names the files read)
+    assert model_fingerprint(skeleton) == model_fingerprint(load_model(cfg)[0])
 
 
 def test_missing_source_shard_is_one_line(tmp_path):

@@ -9,9 +9,12 @@ dir the HF hub is used (``datasets.load_dataset``), as real users online expect.
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
+import stat
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -116,12 +119,17 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None)
         raise PipelineError(f"eval.seqlen={seqlen}: must be at least 2")
     n = ids.numel() // seqlen
     if max_windows is not None:
-        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
-            raise PipelineError(f"max_windows={max_windows!r}: must be null (every window) or an integer >= 1")
+        check_max_windows(max_windows)
         n = min(n, max_windows)
     if n == 0:
         raise PipelineError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     return ids[: n * seqlen].view(n, seqlen)
+
+
+def check_max_windows(max_windows) -> None:
+    """``max_windows`` is null (every window) or an integer >= 1, else one line."""
+    if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+        raise PipelineError(f"max_windows={max_windows!r}: must be null (every window) or an integer >= 1")
 
 
 def wikitext2_windows(data_cfg: DictConfig | dict, tokenizer, seqlen: int,
@@ -132,39 +140,120 @@ def wikitext2_windows(data_cfg: DictConfig | dict, tokenizer, seqlen: int,
     return eval_windows(tokenize(text, tokenizer), seqlen, max_windows), text_digest(text)
 
 
+CORPUS_READ = 1 << 20  # bytes of the corpus file read at a time
+CORPUS_CHUNK = 1 << 20  # characters of corpus text tokenized at a time (cut before a row's separator)
+
+
+def check_corpus_file(path: str | os.PathLike) -> Path:
+    """``eval.corpus`` as a readable regular file holding some text, else one line saying what it is.
+    Reads only up to its first non-blank row: a bad corpus fails before the checkpoint is loaded."""
+    file = Path(path).expanduser()
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise PipelineError(f"eval.corpus={path}: no such file") from None
+    except OSError as exc:  # a symlink loop, a path through a non-directory, no permission
+        raise PipelineError(f"eval.corpus={path}: cannot read it ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise PipelineError(f"eval.corpus={path}: is a directory; give a UTF-8 text file")
+    if not stat.S_ISREG(mode):
+        raise PipelineError(f"eval.corpus={path}: is not a regular file (a FIFO, device or socket); "
+                            "give a UTF-8 text file")
+    if next(corpus_rows(file), None) is None:
+        raise PipelineError(f"eval.corpus={path}: the file holds no text")
+    return file
+
+
+def corpus_rows(file: Path) -> Iterator[str]:
+    """The non-blank rows of a UTF-8 text file, read ``CORPUS_READ`` bytes at a time: a leading BOM
+    dropped, CRLF normalised, rows split at ``"\n"`` (as ``_join_rows`` does with a whole file)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed, pending, leading = 0, "", True
+    try:
+        with file.open("rb") as f:
+            while True:
+                block = f.read(CORPUS_READ)
+                held = len(decoder.getstate()[0])
+                try:
+                    text = decoder.decode(block, final=not block)
+                except UnicodeDecodeError as exc:
+                    raise PipelineError(f"{file} is not UTF-8 text (byte {consumed - held + exc.start}: "
+                                        f"{exc.reason})") from None
+                consumed += len(block)
+                if leading:
+                    text = text.lstrip("\ufeff")
+                    leading = not text
+                rows = (pending + text).split("\n")
+                pending = rows.pop() if block else ""
+                for row in rows:
+                    row = row[:-1] if row.endswith("\r") and block else row
+                    if row.strip():
+                        yield row
+                if not block:
+                    return
+    except OSError as exc:
+        raise PipelineError(f"{file}: cannot read it ({exc.strerror})") from None
+
+
+def _corpus_pieces(file: Path) -> Iterator[str]:
+    """The corpus text in pieces: the first row, then ``"\n\n" + row`` for each next one."""
+    first = True
+    for row in corpus_rows(file):
+        yield row if first else "\n\n" + row
+        first = False
+
+
 def corpus_text(path: str | os.PathLike) -> str:
     """A user's UTF-8 text file as an evaluation corpus, joined as the offline WikiText-2 is: CRLF
-    normalised, the non-blank lines joined by blank lines (``"\n\n"``)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise PipelineError(f"eval.corpus={path}: no such file")
-    try:
-        raw = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PipelineError(f"{file} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-    except OSError as exc:
-        raise PipelineError(f"eval.corpus={path}: cannot read it ({exc.strerror})") from None
-    text = _join_rows(raw.lstrip("\ufeff"), drop_blank=True)
-    if not text:
-        raise PipelineError(f"eval.corpus={path}: the file holds no text")
-    return text
+    normalised, the non-blank lines joined by blank lines (``"\n\n"``). Whole, in memory: for small
+    files; the eval stage streams (``eval_corpus_windows``)."""
+    return "".join(_corpus_pieces(check_corpus_file(path)))
 
 
 def eval_corpus_windows(data_cfg: DictConfig | dict, corpus: str | None, tokenizer, seqlen: int,
-                        max_windows: int | None = None, text: str | None = None) -> tuple[torch.Tensor, str, str]:
+                        max_windows: int | None = None) -> tuple[torch.Tensor, str, str]:
     """The evaluation windows of ``eval.corpus`` (a text file; None: WikiText-2 test), cut as
     ``wikitext2_windows`` cuts them (no BOS, non-overlapping, tail dropped); also the text's digest and
-    the metric prefix: ``wikitext2``, or ``corpus`` for a user's file. ``text``: the corpus's
-    ``corpus_text`` when the caller has read it already."""
+    the metric prefix: ``wikitext2``, or ``corpus`` for a user's file.
+
+    A corpus is streamed: read ``CORPUS_READ`` bytes at a time and tokenized ``CORPUS_CHUNK``
+    characters at a time (each piece cut before a row's ``"\n\n"``; a file under 1 MiB of text is one
+    piece, exactly the one-pass tokenization), and tokenizing stops once ``max_windows`` windows are
+    filled, so memory is the windows plus one piece whatever the file's size. The rest of the file is
+    still read for the digest (sha256 of the whole joined text, as ``text_digest``)."""
     if corpus is None:
         windows, digest = wikitext2_windows(data_cfg, tokenizer, seqlen, max_windows)
         return windows, digest, "wikitext2"
-    if text is None:
-        text = corpus_text(corpus)
-    ids = tokenize(text, tokenizer)
+    if seqlen < 2:
+        raise PipelineError(f"eval.seqlen={seqlen}: must be at least 2")
+    if max_windows is not None:
+        check_max_windows(max_windows)
+    need = None if max_windows is None else max_windows * seqlen
+    digest, tokens, n_tokens, piece, size = hashlib.sha256(), [], 0, [], 0
+
+    def flush() -> None:
+        nonlocal n_tokens, piece, size
+        if piece:
+            ids = tokenize("".join(piece), tokenizer)
+            tokens.append(ids)
+            n_tokens += ids.numel()
+        piece, size = [], 0
+
+    for text in _corpus_pieces(check_corpus_file(corpus)):
+        digest.update(text.encode())
+        if need is not None and n_tokens >= need:
+            continue  # the windows are full: only the digest still reads on
+        if size + len(text) > CORPUS_CHUNK and piece:
+            flush()
+            if need is not None and n_tokens >= need:
+                continue
+        piece.append(text)
+        size += len(text)
+    flush()
+    ids = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64)
     if ids.numel() < seqlen:
         raise PipelineError(f"eval.corpus={corpus}: {ids.numel()} tokens, fewer than one window of eval.seqlen={seqlen}")
-    return eval_windows(ids, seqlen, max_windows), text_digest(text), "corpus"
+    return eval_windows(ids, seqlen, max_windows), digest.hexdigest()[:16], "corpus"
 
 
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:

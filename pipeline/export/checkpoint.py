@@ -29,15 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from torch import nn
 
 from ..model.adapters import adapter_for
-from ..infra.artifacts import SAFETENSORS_DTYPES, SafetensorsFile, atomic_dir, check_finite, file_sha256, is_finite, load_tensors
+from ..infra.artifacts import SAFETENSORS_DTYPES, SafetensorsFile, atomic_dir, check_finite, file_sha256, is_finite
 from ..infra.devices import DTYPES, dtype_name
 from ..infra.errors import PipelineError
 from ..infra.settings import SETTING_KEY, check_setting
 from ..methods import MethodSpec, attach_online_ops, empty_transitions, quant_spec
-from ..model.load import model_fingerprint
+from ..model.load import WEIGHTS_ATTR, model_fingerprint, tag_weights
 from ..model.streaming import empty_model, open_model, release
 from ..surgery.online import QuantLinear
 from ..quant.quantizers import QuantSpec
@@ -144,9 +146,11 @@ class CheckpointWriter:
 
 
 def checkpoint_config(method: MethodSpec, quant: QuantSpec, online: dict, dtype: torch.dtype, fingerprint: str,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      extra: dict[str, Any] | None = None, weights: str | None = None) -> dict[str, Any]:
+    """``rsq_config.json``: ``weights_id`` is the source model's (``load.weights_id``), which the loader
+    puts back on the rebuilt skeleton so that its fingerprint can be checked against ``fingerprint``."""
     return {"format": FORMAT, "method": asdict(method), "quant": asdict(quant), "online": online,
-            "dtype": dtype_name(dtype), "fingerprint": fingerprint, **(extra or {})}
+            "dtype": dtype_name(dtype), "fingerprint": fingerprint, "weights_id": weights, **(extra or {})}
 
 
 def save_quantized(
@@ -160,7 +164,8 @@ def save_quantized(
     kind = transition_kind(model)
     ranks = model.rsq_transitions.ranks() if kind == "low_rank" else None
     config = checkpoint_config(method, quant, online_ops(dims, method, kind, ranks),
-                               adapter.embedding(model).weight.dtype, fingerprint, extra)
+                               adapter.embedding(model).weight.dtype, fingerprint, extra,
+                               getattr(model, WEIGHTS_ATTR, None))
     with atomic_dir(folder) as staging:
         writer = CheckpointWriter(staging, dims.n_layers, fingerprint)
         for i in range(dims.n_layers):
@@ -178,8 +183,28 @@ def _read_json(path: Path) -> Any:
         raise PipelineError(f"{path} is not valid JSON ({exc})") from None
 
 
-def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``rsq_config.json`` and the index, the config checked against the sha256 the index records."""
+def _identity(folder: Path) -> tuple[int, int] | None:
+    """The folder's (device, inode): a fuse publishing onto it swaps in another folder (``publish``)."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _mismatch(folder: Path, identity: tuple[int, int] | None, message: str) -> PipelineError:
+    """``message`` for a file that does not match the index, unless the folder itself was replaced
+    since reading began: then a concurrent fuse published a new checkpoint, and that is what is said."""
+    if identity is not None and _identity(folder) != identity:
+        return PipelineError(f"{folder} was replaced while it was being read (a fuse published a new checkpoint "
+                             "there meanwhile): load it again")
+    return PipelineError(message)
+
+
+def _read_config(folder: Path, identity: tuple[int, int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``rsq_config.json`` and the index, the config checked against the sha256 the index records.
+    ``identity``: the folder's ``_identity`` when reading began (default: now)."""
+    identity = identity or _identity(folder)
     config_path = folder / CONFIG
     if not config_path.is_file():
         raise PipelineError(f"{folder} is not a quantized checkpoint (no {CONFIG}): run the fuse stage first")
@@ -197,12 +222,12 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     except (KeyError, TypeError, ValueError):
         raise PipelineError(f"{folder / INDEX} is not a checkpoint index (no metadata.shard_sha256/file_sha256)") from None
     if hashlib.sha256(config_path.read_bytes()).hexdigest() != expected[0]:
-        raise PipelineError(f"{config_path} does not match the sha256 recorded in {INDEX}: it was edited or "
-                            "corrupted after fuse (its method and bit-widths decide the online ops); rerun fuse")
+        raise _mismatch(folder, identity, f"{config_path} does not match the sha256 recorded in {INDEX}: it was "
+                        "edited or corrupted after fuse (its method and bit-widths decide the online ops); rerun fuse")
     for name, digest in expected[2].items():
         path = folder / name
         if not path.is_file() or file_sha256(path) != digest:
-            raise PipelineError(f"{path} is missing or does not match the sha256 recorded in {INDEX}: it was "
+            raise _mismatch(folder, identity, f"{path} is missing or does not match the sha256 recorded in {INDEX}: it was "
                                 "edited or corrupted after fuse; rerun fuse")
     return config, index
 
@@ -241,8 +266,9 @@ class CheckpointReader:
     against the index before it is read, and every tensor must have the skeleton's dtype and be finite."""
 
     def __init__(self, folder: Path, index: dict, model: nn.Module, quant: QuantSpec, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, identity: tuple[int, int] | None = None) -> None:
         self.folder, self.index, self.model, self.quant = folder, index, model, quant
+        self.identity = identity  # the folder's _identity when reading began: a swap is said as one
         self.dtype, self.device = dtype, device
         self.adapter = adapter_for(model)
         self.n_layers = self.adapter.dims(model).n_layers
@@ -253,12 +279,21 @@ class CheckpointReader:
         path = self.folder / name
         expected = self.index["metadata"]["shard_sha256"].get(name)
         if expected is None or not path.is_file():
-            raise PipelineError(f"{path} is missing (the checkpoint index names {len(self.index['metadata']['shard_sha256'])} "
+            raise _mismatch(self.folder, self.identity, f"{path} is missing (the checkpoint index names {len(self.index['metadata']['shard_sha256'])} "
                                 f"shards, this model needs {self.n_layers + 1}): rerun fuse")
-        if file_sha256(path) != expected:
-            raise PipelineError(f"{path} does not match the sha256 recorded in {INDEX}: the file was changed "
+        raw = path.read_bytes()  # hashed and parsed from one read: no window for a swap in between
+        if hashlib.sha256(raw).hexdigest() != expected:
+            raise _mismatch(self.folder, self.identity, f"{path} does not match the sha256 recorded in {INDEX}: the file was changed "
                                 "or corrupted after fuse; rerun fuse")
-        tensors, _ = load_tensors(path, self.fingerprint)
+        try:
+            n = int.from_bytes(raw[:8], "little")
+            made_for = (json.loads(raw[8 : 8 + n]).get("__metadata__") or {}).get("fingerprint")
+            tensors = safetensors_load(raw)
+        except (SafetensorError, ValueError, AttributeError) as exc:
+            raise PipelineError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        if made_for != self.fingerprint:
+            raise PipelineError(f"{path} was made for model fingerprint {made_for}, its index says {self.fingerprint}: "
+                                "rerun fuse")
         return tensors
 
     def _assign(self, module: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -280,7 +315,13 @@ class CheckpointReader:
                 if value.dtype not in (torch.uint8, torch.int8):
                     raise PipelineError(f"{where}: {key} is {value.dtype}, packed codes are uint8/int8")
                 name = f"{owner}.linear.weight"
-                value = dequantize(unpack(value, self.quant.w_bits), scale, self.dtype)
+                bits = self.quant.w_bits
+                codes = unpack(value, bits)
+                lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+                if codes.numel() and (codes.min().item() < lo or codes.max().item() > hi):
+                    raise PipelineError(f"{where}: {key} holds codes outside the {bits}-bit range [{lo}, {hi}]: "
+                                        f"these are not the W{bits} weights its {CONFIG} records; rerun fuse")
+                value = dequantize(codes, scale, self.dtype)
             if name not in expected:
                 raise PipelineError(f"{where} holds {key}, which this model does not have")
             if value.dtype != expected[name].dtype:
@@ -367,7 +408,8 @@ def open_quantized(folder: str | Path, device: torch.device | str = "cpu") -> tu
     from transformers import AutoConfig
 
     folder = Path(folder)
-    config, index = _read_config(folder)
+    identity = _identity(folder)
+    config, index = _read_config(folder, identity)
     try:
         hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -380,7 +422,7 @@ def open_quantized(folder: str | Path, device: torch.device | str = "cpu") -> tu
         raise PipelineError(f"{folder}/{CONFIG} lacks or mistypes an entry ({exc})") from None
     if kind not in ("none", "dense", "low_rank"):
         raise PipelineError(f"{folder}/{CONFIG}: online.transitions={kind!r} is not none, dense or low_rank")
-    model = empty_model(hf_config, dtype)
+    model = tag_weights(empty_model(hf_config, dtype), config.get("weights_id"))
     fingerprint = model_fingerprint(model)
     if fingerprint != config["fingerprint"] or index["metadata"].get("fingerprint") != fingerprint:
         raise PipelineError(
@@ -393,7 +435,7 @@ def open_quantized(folder: str | Path, device: torch.device | str = "cpu") -> tu
     transitions = empty_transitions(kind)
     if transitions is not None:
         attach_transition_module(model, adapter, transitions)
-    reader = CheckpointReader(folder, index, model, quant, dtype, torch.device(device))
+    reader = CheckpointReader(folder, index, model, quant, dtype, torch.device(device), identity)
     reader.load_rest()
     return model, reader
 

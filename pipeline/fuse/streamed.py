@@ -22,6 +22,7 @@ from torch import nn
 
 from ..eval.act_stats import ActivationStats
 from ..model.adapters import adapter_for
+from ..model.load import WEIGHTS_ATTR
 from ..infra.artifacts import atomic_dir, scratch_dir
 from ..export.checkpoint import CheckpointWriter, checkpoint_config, layer_state, online_ops, rest_state
 from ..infra.errors import PipelineError
@@ -111,7 +112,7 @@ def fuse_streamed(
         model.config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         writer.finish(checkpoint_config(method, quant, online_ops(dims, method, kind, ranks or None), dtype,
-                                        fingerprint, extra))
+                                        fingerprint, extra, getattr(model, WEIGHTS_ATTR, None)))
         if transitions is not None:
             del model.rsq_transitions
     return stats.rows()

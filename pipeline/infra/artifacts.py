@@ -120,11 +120,26 @@ def clean_leftovers(folder: Path, prefix: str) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def make_folder(folder: Path) -> None:
+    """``folder`` and its parents made if missing; one line where something that is not a folder is in
+    the way (a file, a symlink to itself or to nowhere, a symlink loop)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise PipelineError(f"{folder} exists and is not a folder (a file, or a symlink that leads nowhere "
+                            "or to itself): remove it or choose another path") from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise PipelineError(f"{folder}: {exc.strerror} on its path (a symlink loop or a file where a folder "
+                                "should be)") from None
+        raise
+
+
 def private_tempdir(folder: str | Path, prefix: str) -> str:
     """``mkdtemp`` in ``folder`` named ``<prefix><pid>-*`` (mode 0700), after the leftovers of dead
     runs under ``prefix`` are removed (``clean_leftovers``)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     clean_leftovers(folder, prefix)
     return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=folder)
 
@@ -156,7 +171,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; it is renamed onto ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     clean_leftovers(path.parent, f".{path.name}.")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -220,16 +235,59 @@ def _check_finite_values(value, where: str | Path, key: str = "") -> None:
             _check_finite_values(v, where, f"{key}[{i}]")
 
 
+DIGEST_KEY = "sha256"  # metadata key: JSON {tensor name: sha256 of its bytes, "__metadata__": sha256 of the rest}
+
+
+def _bytes_sha256(t: torch.Tensor) -> str:
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().data if flat.numel() else b"").hexdigest()
+
+
+def _metadata_sha256(metadata: Mapping[str, str]) -> str:
+    rest = {k: v for k, v in metadata.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Atomically write ``tensors`` with string ``metadata`` (must include ``fingerprint``); refuses
-    non-finite tensors (one line)."""
+    non-finite tensors (one line). The metadata also records the sha256 of every tensor's bytes and of
+    the rest of the metadata (``DIGEST_KEY``): ``load_tensors`` / ``open_tensors`` check them on read,
+    so a corrupted or edited artifact is refused instead of fused (and then certified by the checkpoint's
+    own hashes)."""
     if "fingerprint" not in metadata:
         raise ValueError("artifact metadata must name the model fingerprint")
     check_finite(tensors, path)
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    raw = save(flat, metadata={k: str(v) for k, v in metadata.items()})
+    meta = {k: str(v) for k, v in metadata.items() if k != DIGEST_KEY}
+    digests = {k: _bytes_sha256(v) for k, v in flat.items()}
+    meta[DIGEST_KEY] = json.dumps({**digests, "__metadata__": _metadata_sha256(meta)}, sort_keys=True)
+    raw = save(flat, metadata=meta)
     with atomic_path(path) as tmp:
         tmp.write_bytes(canonical_safetensors(raw))
+
+
+def recorded_digests(path: Path, metadata: Mapping[str, str]) -> dict[str, str]:
+    """The per-tensor digests ``save_tensors`` recorded, after checking the metadata's own digest;
+    one line if they are missing (a file not written by this pipeline, or by a version before digests)
+    or if the metadata was edited."""
+    try:
+        digests = json.loads(metadata[DIGEST_KEY])
+        assert isinstance(digests, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise PipelineError(f"{path} carries no digest (not written by this version of the pipeline): "
+                            "rerun the stage that makes it") from None
+    if digests.get("__metadata__") != _metadata_sha256(metadata):
+        raise PipelineError(f"{path} failed its digest check: its metadata was changed after it was written; "
+                            "rerun the stage that makes it")
+    return digests
+
+
+def check_digest(path: Path, digests: Mapping[str, str], key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (read from ``path`` as ``key``) if its bytes match the recorded digest, else one line."""
+    if digests.get(key) != _bytes_sha256(tensor):
+        raise PipelineError(f"{path} failed its digest check: tensor {key} is not the one written "
+                            "(corrupted or edited); rerun the stage that makes it")
+    return tensor
 
 
 def _existing(path: str | Path) -> Path:
@@ -248,8 +306,12 @@ def _check_fingerprint(path: Path, metadata: dict[str, str], fingerprint: str | 
         )
 
 
-def load_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a safetensors artifact; refuse one made for another model (``fingerprint`` mismatch)."""
+def load_tensors(path: str | Path, fingerprint: str | None = None,
+                 digests: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors artifact of ``save_tensors``; refuse one whose digests fail (corrupted or
+    edited) or that was made for another model (``fingerprint`` mismatch), in one line.
+    ``digests=False`` is for files verified otherwise (a checkpoint shard: its whole-file sha256 is
+    in the checkpoint's index)."""
     path = _existing(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -257,6 +319,14 @@ def load_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[dict
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise PipelineError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+    if digests:
+        recorded = recorded_digests(path, metadata)
+        if set(recorded) - {"__metadata__"} != set(tensors):
+            raise PipelineError(f"{path} failed its digest check: its tensors are not the ones written; "
+                                "rerun the stage that makes it")
+        for key, tensor in tensors.items():
+            check_digest(path, recorded, key, tensor)
+    metadata.pop(DIGEST_KEY, None)
     _check_fingerprint(path, metadata, fingerprint)
     return tensors, metadata
 
@@ -344,11 +414,16 @@ class LazyTensors(Mapping):
         self.path = path
         self._file = SafetensorsFile(path)
         self._keys = self._file.keys()
+        self._digests = recorded_digests(path, self._file.metadata)
+        if set(self._digests) - {"__metadata__"} != set(self._keys):
+            raise PipelineError(f"{path} failed its digest check: its tensors are not the ones written; "
+                                "rerun the stage that makes it")
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        """The tensor, read now and checked against its recorded digest."""
         if key not in self._keys:
             raise KeyError(key)
-        return self._file.get(key)
+        return check_digest(self.path, self._digests, key, self._file.get(key))
 
     def __iter__(self):
         return iter(self._keys)
@@ -361,7 +436,8 @@ class LazyTensors(Mapping):
 
     @property
     def metadata(self) -> dict[str, str]:
-        return self._file.metadata
+        """The metadata as saved, less the digests (checked already)."""
+        return {k: v for k, v in self._file.metadata.items() if k != DIGEST_KEY}
 
 
 def open_tensors(path: str | Path, fingerprint: str | None = None) -> tuple[LazyTensors, dict[str, str]]:

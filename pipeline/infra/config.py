@@ -37,6 +37,7 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
     import hydra
 
     def main() -> None:
+        _refuse_huge_integers(sys.argv[1:])
         given = {arg.split("=")[0] for arg in sys.argv[1:]}
         missing = [o for o in HYDRA_DEFAULTS if o.split("=")[0] not in given]
         at = _overrides_position(sys.argv)
@@ -68,7 +69,23 @@ def stage_main(task: Callable[[DictConfig], None]) -> Callable[[], None]:
     return main
 
 
-_OS_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EACCES)
+SEED_MAX = 2**63 - 1
+HUGE_DIGITS = 64  # no setting takes an integer this long; Python refuses to parse > 4300 digits (a traceback in Hydra)
+
+
+def _refuse_huge_integers(args: list[str]) -> None:
+    """One line, before Hydra parses anything, for an override whose value is an integer literal of
+    ``HUGE_DIGITS`` digits or more (``seed=<5000 digits>`` was a Hydra traceback)."""
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        digits = value.lstrip("+-")
+        if eq and digits.isdigit() and len(digits) >= HUGE_DIGITS:
+            print(f"error: {key.lstrip('+~')}=<{len(digits)} digits>: out of range for any setting "
+                  f"(seeds are 0..{SEED_MAX})", file=sys.stderr)
+            sys.exit(2)
+
+
+_OS_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR, errno.EACCES, errno.ELOOP)
 
 
 def _os_failure(exc: Exception) -> str | None:
@@ -85,16 +102,25 @@ def _os_failure(exc: Exception) -> str | None:
 def check_common(cfg: DictConfig) -> None:
     """Refuse, in one line and before any work, settings every stage shares: the seed, window counts
     and lengths, and output folders that are files."""
-    check_int(cfg.get("seed", 0), "seed", 0)
+    for where, node in (("", cfg), ("train.", cfg.get("train")), ("method.", cfg.get("method")),
+                        ("model.", cfg.get("model"))):
+        if node is not None and "seed" in node:  # torch and numpy seeds: 0..2**63-1 on every platform
+            check_int(node.seed, f"{where}seed", 0, high=SEED_MAX)
     for node, key, low, none_ok in (("calib", "seqlen", 2, False), ("calib", "n_windows", 1, False),
                                     ("eval", "seqlen", 2, False), ("eval", "max_windows", 1, True),
                                     ("rank_sweep", "max_windows", 1, True)):
         section = cfg.get(node)
         if section is not None and key in section:
             check_int(section[key], f"{node}.{key}", low, none_ok)
-    for key in ("artifacts", "metrics"):
-        path = Path(str(cfg.paths[key])) if "paths" in cfg and key in cfg.paths else None
-        if path is not None and path.exists() and not path.is_dir():
+    for key in (cfg.paths.keys() if cfg.get("paths") is not None else ()):
+        path = Path(str(cfg.paths[key])).expanduser()
+        try:
+            path.stat()
+        except FileNotFoundError:
+            continue  # made when the stage writes
+        except OSError as exc:  # a symlink loop on the path, a file where a folder should be
+            raise PipelineError(f"paths.{key}={path}: {exc.strerror} (a symlink loop or a file on its path)") from None
+        if not path.is_dir():
             raise PipelineError(f"paths.{key}={path} is a file, not a folder")
 
 

@@ -11,14 +11,16 @@ class PipelineError(Exception):
     """
 
 
-def check_int(value, what: str, low: int, none_ok: bool = False) -> None:
-    """Refuse (PipelineError, one line) a setting ``what`` that is not an integer >= ``low`` (a bool
-    is not an integer here); ``none_ok``: null is allowed too."""
+def check_int(value, what: str, low: int, none_ok: bool = False, high: int | None = None) -> None:
+    """Refuse (PipelineError, one line) a setting ``what`` that is not an integer in ``low..high``
+    (a bool is not an integer here); ``none_ok``: null is allowed too."""
     if value is None and none_ok:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         extra = "null or " if none_ok else ""
-        raise PipelineError(f"{what}={value!r}: must be {extra}an integer >= {low}")
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+        raise PipelineError(f"{what}={shown}: must be {extra}an integer {bound}")
 
 
 def cli_errors_as_one_line(fn, *args) -> None:

