@@ -213,12 +213,37 @@ def test_unsupported_family_is_refused_before_loading(tmp_path):
     AutoConfig.for_model("gemma2", vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32).save_pretrained(folder)
     one_line_error(run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"model.path={folder}"),
-                    "error: unsupported model family model_type='gemma2'; supported: llama (LlamaForCausalLM)")
+                    "error: model family model_type='gemma2' cannot be rotated: it normalises each block's "
+                    "output before the residual add")
     assert not (tmp_path / "a").exists()
     cfg = model_cfg("tiny_llama")
     cfg.path = str(folder)
-    with pytest.raises(PipelineError, match="unsupported model family model_type='gemma2'"):
+    with pytest.raises(PipelineError, match="model_type='gemma2' cannot be rotated"):
         load_model(cfg)
+
+
+@pytest.mark.parametrize("model_type,why", [
+    ("olmo2", "normalises each block's output before the residual add"),
+    ("gemma3_text", "normalises each block's output before the residual add"),
+    ("gpt_neox", "uses LayerNorm, which subtracts the mean"),
+    ("phi", "uses LayerNorm, which subtracts the mean"),
+    ("mamba", None),
+])
+def test_families_that_cannot_hold_a_rotation_say_why(model_type, why):
+    """Refused from the config alone; a family with no adapter and no known obstacle is 'unsupported'."""
+    from transformers import AutoConfig
+
+    from pipeline.model.adapters import check_config
+
+    with pytest.raises(PipelineError) as info:
+        check_config(AutoConfig.for_model(model_type))
+    message = str(info.value)
+    assert "\n" not in message
+    if why is None:
+        assert message.startswith("unsupported model family model_type='mamba'; supported: llama")
+        assert "qwen3 (Qwen3ForCausalLM)" in message
+    else:
+        assert message.startswith(f"model family model_type={model_type!r} cannot be rotated: it {why}")
 
 
 def test_checkpoint_code_never_runs(tmp_path):

@@ -17,6 +17,8 @@ from pipeline.model.load import converted_gguf_folder, load_model, model_fingerp
     ("tiny_llama", "LlamaForCausalLM", False),
     ("tiny_qwen2", "Qwen2ForCausalLM", True),
     ("tiny_mistral", "MistralForCausalLM", False),
+    ("tiny_qwen3", "Qwen3ForCausalLM", True),
+    ("tiny_llama32", "LlamaForCausalLM", False),
 ])
 def test_adapters_find_every_linear(name, arch, bias):
     model, tok = load_model(model_cfg(name))

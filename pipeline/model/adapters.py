@@ -117,18 +117,43 @@ class MistralAdapter(DecoderAdapter):
     architecture = "MistralForCausalLM"
 
 
+class Qwen3Adapter(DecoderAdapter):
+    """Qwen3 (``Qwen3ForCausalLM``): ``q_norm`` / ``k_norm`` (RMSNorm over head_dim) act on q and k
+    after their projections and before RoPE. They are not residual norms: nothing reads the residual
+    stream through them, so they are never folded, and R1 (on q/k_proj's input), R2 (v/o only) and R3
+    (after RoPE) all commute with them. Optional q/k/v/o biases as Qwen2's."""
+
+    architecture = "Qwen3ForCausalLM"
+
+
 ADAPTERS: dict[str, DecoderAdapter] = {
-    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter())
+    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), Qwen3Adapter())
 }
 
 
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
+
+_BLOCK_OUTPUT_NORM = ("normalises each block's output before the residual add (post-attention and "
+                      "post-feedforward norms): the residual stream's rotation would have to pass through a "
+                      "norm of the block's own output, which no weight can absorb")
+_LAYER_NORM = ("uses LayerNorm, which subtracts the mean: the mean of a rotated residual stream is not the "
+               "rotated mean, so a rotation cannot be fused through it (QuaRot/SliceGPT first turn LayerNorm "
+               "into RMSNorm by folding the mean subtraction into the weights; this pipeline does not)")
+# families whose layout cannot hold a fused trained rotation: refused, saying why, before any work
+REFUSED = {"gemma2": _BLOCK_OUTPUT_NORM, "gemma3": _BLOCK_OUTPUT_NORM, "gemma3_text": _BLOCK_OUTPUT_NORM,
+           "olmo2": _BLOCK_OUTPUT_NORM, "gpt_neox": _LAYER_NORM, "gpt2": _LAYER_NORM, "gptj": _LAYER_NORM,
+           "opt": _LAYER_NORM, "phi": _LAYER_NORM, "falcon": _LAYER_NORM, "bloom": _LAYER_NORM,
+           "stablelm": _LAYER_NORM}
 
 
 def check_config(hf_config) -> None:
     """Refuse, before any weight is read, a model config (``config.json``'s ``model_type``) whose
-    family has no adapter: one line, not the family's own failure deep inside transformers."""
+    family has no adapter: one line, not the family's own failure deep inside transformers. A family
+    whose layout cannot hold a fused rotation (``REFUSED``) is told why."""
     model_type = getattr(hf_config, "model_type", None)
+    if model_type in REFUSED:
+        raise PipelineError(f"model family model_type={model_type!r} cannot be rotated: it {REFUSED[model_type]}")
     if MODEL_TYPES.get(model_type) not in ADAPTERS:
         raise PipelineError(f"unsupported model family model_type={model_type!r}; supported: "
                             f"{', '.join(f'{k} ({v})' for k, v in sorted(MODEL_TYPES.items()))}")

@@ -216,11 +216,14 @@ def build_random_model(
     torch.manual_seed(int(model_cfg.get("seed", 0)))
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    # Random-init norms are all ones; give them spread so that norm folding is really exercised.
+    # Random-init norms are all ones and biases zeros; give them spread so that norm folding and the
+    # rotation of biases are really exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.05)
     return model, byte_tokenizer()
 
 
