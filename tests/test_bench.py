@@ -16,11 +16,13 @@ def test_bench_stage_writes_every_row(tmp_path):
     assert result["backend"] == "cpu" and result["device"].startswith("cpu")
     rows = result["rows"]
     ops = {r["op"] for r in rows}
-    assert ops == {"linear_fp32", "linear_w4a4", "residual_add", "residual_add_transition_r8",
+    assert ops == {"linear_fp32", "linear_bf16", "linear_w4a4", "residual_add", "residual_add_transition_r8",
                    "decoder_layer_fp32", "decoder_layer_w4a4"}
     shapes = {r["shape"] for r in rows if r["op"] == "linear_w4a4"}
     assert shapes == {"qkv 192x320", "o 192x192", "gate_up 192x640", "down 320x192"}
     assert {r["M"] for r in rows if r["op"] == "linear_w4a4"} == {1, 3}
+    keys = lambda op: {(r["model"], r["shape"], r["M"]) for r in rows if r["op"] == op}  # noqa: E731
+    assert keys("linear_bf16") == keys("linear_w4a4") == keys("linear_fp32")  # one bf16 row per W4A4 row
     for r in rows:
         assert set(r) == {"device", "op", "model", "shape", "M", "ms", "speedup"} and r["ms"] > 0 and r["speedup"] > 0
         if r["op"] in ("linear_fp32", "residual_add", "decoder_layer_fp32"):

@@ -83,6 +83,53 @@ def test_int4_gemm_bit_exact_and_epilogue(ops, M, N, K):
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item(), msg=f"seed {SEED}")
 
 
+@pytest.mark.parametrize("M,N,K", [*SHAPES, (1, 4096, 256), (16, 97, 1024), (65, 257, 160)])
+def test_int8_dot_product_path_equals_the_int4_kernel_bit_for_bit(ops, M, N, K):
+    """``gemm_w4a4_int8`` (oneDNN int8 dot products) gives the C++ int4 kernel's output bits, fresh
+    random inputs each run, odd M and N (decode M = 1 too), extreme codes included."""
+    from pipeline.export.kernels import cpu_int8_ready, gemm_w4a4_int8
+
+    if not cpu_int8_ready():
+        pytest.skip("torch._int_mm does not run on this CPU: Linear4bit stays on the int4 kernel")
+    gen = _gen(3 * M + N + K)
+    x = torch.randn(M, K, generator=gen) * 4
+    w = _codes(N, K, gen)
+    w[0] = -8  # the extreme product -8 * -8 on every k of one row
+    packed, scale, zero = ops.quantize_act(x, 0.9)
+    codes, _, _ = reference_quantize_act(x, 0.9)
+    codes[0, :] = -8
+    packed = ops.pack_int4(codes)
+    w_scale = torch.rand(N, generator=gen) + 0.01
+    w_sum = w.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    expected = ops.gemm_w4a4(packed, scale, zero, ops.pack_int4(w), w_scale, w_sum)
+    got = gemm_w4a4_int8(codes, scale, zero, w.T.contiguous(), w_scale, w_sum)
+    assert got.dtype == torch.float32 and torch.equal(got, expected), f"seed {SEED}"
+
+
+def test_linear4bit_int8_and_int4_paths_give_the_same_bits():
+    from torch import nn
+
+    from pipeline.export.kernels import cpu_int8_ready
+    from pipeline.export.linear4bit import Linear4bit
+
+    if not cpu_int8_ready():
+        pytest.skip("torch._int_mm does not run on this CPU")
+    gen = _gen(11)
+    n, k = 96, 320
+    scale = torch.rand(n, generator=gen) * 0.01 + 0.001
+    linear = nn.Linear(k, n, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(_codes(n, k, gen).float() * scale[:, None])
+    for rotate in (False, True):
+        lin = Linear4bit.from_float(linear, scale, clip_ratio=0.9, rotate_input=rotate)
+        x = torch.randn(2, 9, k, generator=gen)
+        outs = []
+        for path in ("int4", "int8"):
+            lin.cpu_gemm = path
+            outs.append(lin(x))
+        assert torch.equal(outs[0], outs[1]), f"seed {SEED}"
+
+
 @pytest.mark.parametrize("n", [32, 64, 576, 1536, 2048])
 def test_hadamard_matches_the_fast_transform(ops, n):
     x = torch.randn(9, n, generator=_gen(n))

@@ -50,6 +50,26 @@ def median_ms(fn: Callable[[torch.Tensor], object], inputs: list[torch.Tensor], 
     return statistics.median(times) * 1e3
 
 
+def interleaved_ms(fns: list[Callable[[torch.Tensor], object]], inputs: list[torch.Tensor],
+                   timing: Timing) -> list[float]:
+    """Median wall time in ms of each of ``fns``, timed round-robin (one call of each per round, over
+    rotating ``inputs``), so a slow phase of a noisy machine falls on every op alike."""
+    with torch.no_grad():
+        for i in range(timing.warmup):
+            for fn in fns:
+                fn(inputs[i % len(inputs)])
+        times: list[list[float]] = [[] for _ in fns]
+        start = time.perf_counter()
+        while len(times[0]) < timing.min_runs or (time.perf_counter() - start < timing.max_seconds * len(fns)
+                                                   and len(times[0]) < 50):
+            x = inputs[len(times[0]) % len(inputs)]
+            for fn, own in zip(fns, times):
+                t0 = time.perf_counter()
+                fn(x)
+                own.append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
 def linear_shapes(d: Dims) -> dict[str, tuple[int, int]]:
     """``{name: (K, N)}`` of a decoder layer's linears, q/k/v and gate/up fused as inference runs them."""
     return {"qkv": (d.hidden, (d.n_heads + 2 * d.n_kv_heads) * d.head_dim), "o": (d.n_heads * d.head_dim, d.hidden),
@@ -76,16 +96,20 @@ def _grid_weight(n: int, k: int, seed: int) -> tuple[nn.Linear, torch.Tensor]:
 
 
 def bench_linear(name: str, k: int, n: int, ms: list[int], timing: Timing, model: str) -> list[dict]:
-    """fp32 matmul and W4A4 linear rows for one ``(K, N)`` at each M."""
+    """fp32 matmul, bf16 matmul and W4A4 linear rows for one ``(K, N)`` at each M, timed interleaved;
+    ``speedup`` is against the fp32 row (W4A4 against bf16: the two rows' ``ms``)."""
     linear, scale = _grid_weight(n, k, seed=k + n)
     w4a4 = Linear4bit.from_float(linear, scale)
+    half = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        half.weight.copy_(linear.weight)
     rows = []
     for m in ms:
         xs = _inputs((m, k), timing.buffers, seed=m)
-        base = median_ms(linear, xs, timing)
-        quant = median_ms(w4a4, xs, timing)
+        base, bf16, quant = interleaved_ms([linear, lambda x: half(x.to(torch.bfloat16)), w4a4], xs, timing)
         shape = f"{name} {k}x{n}"
         rows.append(_row("linear_fp32", model, shape, m, base, base))
+        rows.append(_row("linear_bf16", model, shape, m, bf16, base))
         rows.append(_row("linear_w4a4", model, shape, m, quant, base))
     return rows
 

@@ -97,6 +97,37 @@ def ops_for(t: torch.Tensor):
     return cuda_ops() if t.is_cuda else cpu_ops()
 
 
+# ---- the CPU int8 dot-product path (oneDNN through torch._int_mm) ----------------------------------
+# The int4 codes are int8 values in [-8, 7]: an int8 x int8 -> int32 GEMM on them is the same exact sum
+# the int4 kernel takes. oneDNN picks the CPU's int8 units at run time (AMX tiles, AVX-512 VNNI,
+# AVX2); the activation codes come from the reference quantizer's torch arithmetic (the CPU kernel is
+# tested bit-exact against it) and the epilogue repeats the C++ one's float32 operations in order, so
+# the output bits are the int4 kernel's.
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_int8_ready() -> bool:
+    """Whether ``torch._int_mm`` runs on this CPU and gives the exact int32 product (checked once on
+    odd sizes); else Linear4bit stays on the C++ int4 kernel. ``RSQ_CPU_GEMM=int4`` forces the latter."""
+    if os.environ.get("RSQ_CPU_GEMM", "auto") == "int4":
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-8, 8, (3, 64), generator=gen, dtype=torch.int8)
+    w = torch.randint(-8, 8, (64, 5), generator=gen, dtype=torch.int8)
+    try:
+        return torch.equal(torch._int_mm(a, w), reference_gemm_int4(a, w.T.contiguous()))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def gemm_w4a4_int8(codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, w_t: torch.Tensor,
+                   w_scale: torch.Tensor, w_sum: torch.Tensor) -> torch.Tensor:
+    """float32 ``(M, N)`` = the CPU ``gemm_w4a4``, bit for bit: ``codes`` int8 ``(M, K)`` (``q - 8``),
+    ``w_t`` int8 ``(K, N)`` (the weight codes transposed, contiguous), scales and zeros as there."""
+    acc = torch._int_mm(codes, w_t)
+    return (acc - a_zero[:, None] * w_sum[None, :]).to(torch.float32) * a_scale[:, None] * w_scale[None, :]
+
+
 def check_k(k: int, what: str) -> None:
     """One clear line for a K the int4 layout cannot hold."""
     if k <= 0 or k % ALIGN:

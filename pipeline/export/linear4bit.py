@@ -2,7 +2,9 @@
 
 ``y = gemm_w4a4(quantize_act(H(x))) + b``: optional online Hadamard (R4), per-token asymmetric int4
 activation codes, int4 x int4 GEMM with exact int32 accumulation and the dequant epilogue
-(``pipeline.export.kernels`` module doc). It computes what ``online.QuantLinear`` fake-quantizes, with the
+(``pipeline.export.kernels`` module doc). On the CPU the GEMM runs on int8 dot products
+(``kernels.gemm_w4a4_int8``: oneDNN's AMX / AVX-512 VNNI / AVX2 code, chosen at run time) where
+``torch._int_mm`` works, else on the C++ int4 kernel; both give the same bits. It computes what ``online.QuantLinear`` fake-quantizes, with the
 same activation codes, so the two agree to float rounding.
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ from torch import nn
 
 from ..infra.errors import PipelineError
 from ..rotation.hadamard import has_hadamard
-from .kernels import check_k, cpu_ops, hadamard_base, ops_for
+from .kernels import (check_k, cpu_int8_ready, cpu_ops, gemm_w4a4_int8, hadamard_base, ops_for,
+                      reference_quantize_act)
 from ..surgery.online import QuantLinear
 
 
@@ -43,6 +46,8 @@ class Linear4bit(nn.Module):
         if rotate_input and not has_hadamard(self.in_features):
             raise PipelineError(f"Linear4bit: no Hadamard construction for K={self.in_features}")
         self.register_buffer("had_base", hadamard_base(self.in_features) if rotate_input else None)
+        self._codes_t: torch.Tensor | None = None
+        self.cpu_gemm = "auto"  # CPU GEMM: "auto" (int8 dot products where torch._int_mm runs), "int8", "int4"
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_scale: torch.Tensor, clip_ratio: float = 1.0,
@@ -87,11 +92,22 @@ class Linear4bit(nn.Module):
         else:
             if self.rotate_input:
                 x2 = ops.hadamard(x2, self.had_base)
-            packed, scale, zero = ops.quantize_act(x2, self.clip_ratio)
-            y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum)
+            if self.cpu_gemm == "int8" or (self.cpu_gemm == "auto" and cpu_int8_ready()):
+                codes, scale, zero = reference_quantize_act(x2, self.clip_ratio)  # int8 codes, no packing
+                y = gemm_w4a4_int8(codes, scale, zero, self._weight_codes_t(), self.w_scale, self.w_sum)
+            else:
+                packed, scale, zero = ops.quantize_act(x2, self.clip_ratio)
+                y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _weight_codes_t(self) -> torch.Tensor:
+        """The weight codes as int8 ``(K, N)`` for the int8 path: unpacked once, on first use (twice the
+        packed bytes, half of bf16's; not in the state dict)."""
+        if self._codes_t is None or self._codes_t.device != self.qweight.device:
+            self._codes_t = cpu_ops().unpack_int4(self.qweight.cpu().contiguous()).T.contiguous()
+        return self._codes_t
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

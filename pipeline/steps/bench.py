@@ -11,7 +11,7 @@ from ..model.adapters import adapter_for
 from ..infra.artifacts import write_json
 from ..export.bench import LLAMA3_8B, Timing, bench_layer, bench_linear, bench_transition, device_name, linear_shapes
 from ..infra.errors import PipelineError
-from ..export.kernels import cpu_ops
+from ..export.kernels import cpu_int8_ready, cpu_ops
 from ..model.load import load_model
 from ..infra.tracking import stage_run
 
@@ -51,7 +51,9 @@ def run(cfg: DictConfig) -> None:
                 rows += bench_linear(op, k, n, ms, timing, name)
             rows += bench_transition(d.hidden, rank, ms, timing, name)
         rows += bench_layer(model, layer_ms, timing, cfg.model.name)
-        note = "CPU path (C++ reference kernels); speedup = float32 matmul (or plain add) ms / op ms"
+        gemm = "int8 dot products (oneDNN, torch._int_mm)" if cpu_int8_ready() else "the C++ int4 kernel"
+        note = (f"CPU path (W4A4 GEMM on {gemm}); speedup = float32 matmul (or plain add) ms / op ms; "
+                "linear rows timed interleaved")
         if device.type != "cpu":
             note += f"; device={device} was configured, but only the CPU path is timed here"
         result = {"device": device_name(), "backend": "cpu", "configured_device": str(device),
