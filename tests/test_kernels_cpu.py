@@ -56,6 +56,9 @@ def test_quantize_act_matches_the_fake_quantizer(ops, M, N, K, clip):
     packed, scale, zero = ops.quantize_act(x, clip)
     codes, ref_scale, ref_zero = reference_quantize_act(x, clip)
     assert torch.equal(ops.unpack_int4(packed), codes), f"seed {SEED}"
+    unpacked, scale8, zero8 = ops.quantize_act_int8(x, clip)  # the int8 path's codes: one per byte
+    assert unpacked.dtype == torch.int8 and torch.equal(unpacked, codes), f"seed {SEED}"
+    assert torch.equal(scale8, ref_scale) and torch.equal(zero8, ref_zero)
     assert torch.equal(scale, ref_scale) and torch.equal(zero, ref_zero), f"seed {SEED}"
     deq = (codes.float() - zero[:, None].float()) * scale[:, None]
     assert torch.equal(deq, quantize_asym(x, 4, clip)), f"seed {SEED}"  # the same grid as the model
@@ -201,3 +204,24 @@ def test_staged_sources_are_content_addressed(tmp_path, monkeypatch):
     from pipeline.infra.errors import PipelineError
     with pytest.raises(PipelineError, match="sources are missing"):
         staged_sources("rsq_t", [tmp_path / "nowhere.cpp"], ["-O3"])
+
+
+def test_linear4bit_dispatch_decode_rows_to_the_int4_kernel(monkeypatch):
+    """``cpu_gemm="auto"``: up to DECODE_ROWS tokens the packed int4 kernel (a GEMV that reads the packed
+    weights), more tokens the int8 dot products where they run."""
+    from torch import nn
+
+    import pipeline.export.linear4bit as l4
+    from pipeline.export.kernels import cpu_int8_ready
+
+    calls = []
+    real = l4.gemm_w4a4_int8
+    monkeypatch.setattr(l4, "gemm_w4a4_int8", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    scale = torch.full((8,), 0.01)
+    linear = nn.Linear(64, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(_codes(8, 64, _gen(5)).float() * 0.01)
+    lin = l4.Linear4bit.from_float(linear, scale)
+    for rows in (1, l4.DECODE_ROWS, l4.DECODE_ROWS + 1):
+        lin(torch.randn(rows, 64))
+    assert calls == ([l4.DECODE_ROWS + 1] if cpu_int8_ready() else [])

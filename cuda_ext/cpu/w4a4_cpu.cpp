@@ -100,21 +100,12 @@ at::Tensor unpack_int4(const at::Tensor& packed) {
 // Per-token asymmetric int4 quantization, the same float32 arithmetic as the fake quantizer
 // (pipeline.quant.quantizers.quantize_asym, bits=4): x (M, K) float -> packed codes q - 8 (M, K/2) uint8,
 // scale (M) float32, zero - 8 (M) int32, with x ~= scale * (code - zero_s).
-std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, double clip_ratio) {
-  TORCH_CHECK(x_in.dim() == 2, "quantize_act: x must be 2-D (tokens, K), got ", x_in.sizes());
-  TORCH_CHECK(x_in.device().is_cpu(), "quantize_act: x must be on the CPU");
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "quantize_act: x must be floating, got ", x_in.scalar_type());
-  TORCH_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, "quantize_act: clip_ratio=", clip_ratio, " must be in (0, 1]");
-  const int64_t M = x_in.size(0), K = x_in.size(1);
-  check_k(K, "quantize_act");
-  auto x = x_in.to(at::kFloat).contiguous();
-  auto packed = at::empty({M, K / 2}, x.options().dtype(at::kByte));
-  auto scale = at::empty({M}, x.options());
-  auto zero = at::empty({M}, x.options().dtype(at::kInt));
+// The per-token loop shared by quantize_act (packed int4 out) and quantize_act_int8 (one int8 code per
+// element, for the int8 dot-product GEMM): store(m, k, code) writes code = q - 8 in -8..7.
+template <typename Store>
+void quantize_rows(const at::Tensor& x, double clip_ratio, float* sc, int32_t* zp, Store store) {
+  const int64_t M = x.size(0), K = x.size(1);
   const float* src = x.data_ptr<float>();
-  uint8_t* dst = packed.data_ptr<uint8_t>();
-  float* sc = scale.data_ptr<float>();
-  int32_t* zp = zero.data_ptr<int32_t>();
   const float clip = static_cast<float>(clip_ratio);
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
@@ -127,17 +118,82 @@ std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, double clip_ratio) 
       const float xmin = std::min(lo, 0.0f) * clip, xmax = std::max(hi, 0.0f) * clip;
       const float s = std::max((xmax - xmin) / 15.0f, 1e-8f);
       const float z = std::nearbyint(-xmin / s);
-      for (int64_t j = 0; j < K / 2; ++j) {
-        const float q0 = std::clamp(std::nearbyint(row[2 * j] / s) + z, 0.0f, 15.0f);
-        const float q1 = std::clamp(std::nearbyint(row[2 * j + 1] / s) + z, 0.0f, 15.0f);
-        const int c0 = static_cast<int>(q0) - 8, c1 = static_cast<int>(q1) - 8;
-        dst[m * (K / 2) + j] = static_cast<uint8_t>((c0 & 0xF) | ((c1 & 0xF) << 4));
+      for (int64_t k = 0; k < K; ++k) {
+        const float q = std::clamp(std::nearbyint(row[k] / s) + z, 0.0f, 15.0f);
+        store(m, k, static_cast<int>(q) - 8);
       }
       sc[m] = s;
       zp[m] = static_cast<int32_t>(z) - 8;
     }
   });
+}
+
+at::Tensor checked_act(const at::Tensor& x_in, double clip_ratio, const char* op) {
+  TORCH_CHECK(x_in.dim() == 2, op, ": x must be 2-D (tokens, K), got ", x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu(), op, ": x must be on the CPU");
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), op, ": x must be floating, got ", x_in.scalar_type());
+  TORCH_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, op, ": clip_ratio=", clip_ratio, " must be in (0, 1]");
+  check_k(x_in.size(1), op);
+  return x_in.to(at::kFloat).contiguous();
+}
+
+std::vector<at::Tensor> quantize_act(const at::Tensor& x_in, double clip_ratio) {
+  auto x = checked_act(x_in, clip_ratio, "quantize_act");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto packed = at::zeros({M, K / 2}, x.options().dtype(at::kByte));
+  auto scale = at::empty({M}, x.options());
+  auto zero = at::empty({M}, x.options().dtype(at::kInt));
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  quantize_rows(x, clip_ratio, scale.data_ptr<float>(), zero.data_ptr<int32_t>(), [&](int64_t m, int64_t k, int c) {
+    dst[m * (K / 2) + k / 2] |= static_cast<uint8_t>((c & 0xF) << (4 * (k & 1)));
+  });
   return {packed, scale, zero};
+}
+
+std::vector<at::Tensor> quantize_act_int8(const at::Tensor& x_in, double clip_ratio) {
+  auto x = checked_act(x_in, clip_ratio, "quantize_act_int8");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto codes = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto scale = at::empty({M}, x.options());
+  auto zero = at::empty({M}, x.options().dtype(at::kInt));
+  int8_t* dst = codes.data_ptr<int8_t>();
+  quantize_rows(x, clip_ratio, scale.data_ptr<float>(), zero.data_ptr<int32_t>(), [&](int64_t m, int64_t k, int c) {
+    dst[m * K + k] = static_cast<int8_t>(c);
+  });
+  return {codes, scale, zero};
+}
+
+// float32 (M, N) = a_scale[m] * w_scale[n] * (acc[m, n] - a_zero[m] * w_sum[n]): gemm_w4a4's epilogue,
+// the same operations in the same order, on an int32 product computed elsewhere (torch._int_mm).
+at::Tensor dequant_epilogue(const at::Tensor& acc_in, const at::Tensor& a_scale, const at::Tensor& a_zero,
+                            const at::Tensor& w_scale, const at::Tensor& w_sum) {
+  check_matrix(acc_in, "dequant_epilogue", "acc", at::kInt);
+  const int64_t M = acc_in.size(0), N = acc_in.size(1);
+  check_vector(a_scale, "dequant_epilogue", "a_scale", at::kFloat, M);
+  check_vector(a_zero, "dequant_epilogue", "a_zero", at::kInt, M);
+  check_vector(w_scale, "dequant_epilogue", "w_scale", at::kFloat, N);
+  check_vector(w_sum, "dequant_epilogue", "w_sum", at::kInt, N);
+  auto acc = acc_in.contiguous(), as = a_scale.contiguous(), az = a_zero.contiguous();
+  auto ws = w_scale.contiguous(), wz = w_sum.contiguous();
+  auto out = at::empty({M, N}, acc.options().dtype(at::kFloat));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float *asp = as.data_ptr<float>(), *wsp = ws.data_ptr<float>();
+  const int32_t *azp = az.data_ptr<int32_t>(), *wzp = wz.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* __restrict__ a = ap + m * N;
+      const int32_t* __restrict__ wz_row = wzp;
+      const float* __restrict__ ws_row = wsp;
+      float* __restrict__ o = op + m * N;
+      const int32_t zm = azp[m];
+      const float sm = asp[m];
+      for (int64_t n = 0; n < N; ++n) {  // vectorized; the same operations, in order, as gemm_w4a4's
+        o[n] = static_cast<float>(a[n] - zm * wz_row[n]) * sm * ws_row[n];
+      }
+    }
+  });
+  return out;
 }
 
 namespace {
@@ -317,6 +373,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_int4", &pack_int4, "int8 codes (R, K) -> packed uint8 (R, K/2), low nibble = even k");
   m.def("unpack_int4", &unpack_int4, "packed uint8 (R, K/2) -> int8 codes (R, K)");
   m.def("quantize_act", &quantize_act, "per-token asymmetric int4: x (M, K) -> [packed, scale, zero]");
+  m.def("quantize_act_int8", &quantize_act_int8, "quantize_act with one int8 code per element: [codes, scale, zero]");
+  m.def("dequant_epilogue", &dequant_epilogue, "float32 (M, N): gemm_w4a4's epilogue on an int32 product");
   m.def("gemm_int4", &gemm_int4, "int32 (M, N) = A (M, K) @ W (N, K)^T on packed int4");
   m.def("gemm_w4a4", &gemm_w4a4, "float32 (M, N): int4 GEMM with the dequant epilogue");
   m.def("hadamard", &hadamard, "x @ kron(base, Sylvester) / sqrt(n) along the last dim");

@@ -100,9 +100,9 @@ def ops_for(t: torch.Tensor):
 # ---- the CPU int8 dot-product path (oneDNN through torch._int_mm) ----------------------------------
 # The int4 codes are int8 values in [-8, 7]: an int8 x int8 -> int32 GEMM on them is the same exact sum
 # the int4 kernel takes. oneDNN picks the CPU's int8 units at run time (AMX tiles, AVX-512 VNNI,
-# AVX2); the activation codes come from the reference quantizer's torch arithmetic (the CPU kernel is
-# tested bit-exact against it) and the epilogue repeats the C++ one's float32 operations in order, so
-# the output bits are the int4 kernel's.
+# AVX2); the activation codes come from the C++ quantizer (``quantize_act_int8``: one code per byte,
+# the same loop as ``quantize_act``) and ``dequant_epilogue`` is ``gemm_w4a4``'s float32 epilogue, the
+# same operations in order, so the output bits are the int4 kernel's.
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,8 +124,7 @@ def gemm_w4a4_int8(codes: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Ten
                    w_scale: torch.Tensor, w_sum: torch.Tensor) -> torch.Tensor:
     """float32 ``(M, N)`` = the CPU ``gemm_w4a4``, bit for bit: ``codes`` int8 ``(M, K)`` (``q - 8``),
     ``w_t`` int8 ``(K, N)`` (the weight codes transposed, contiguous), scales and zeros as there."""
-    acc = torch._int_mm(codes, w_t)
-    return (acc - a_zero[:, None] * w_sum[None, :]).to(torch.float32) * a_scale[:, None] * w_scale[None, :]
+    return cpu_ops().dequant_epilogue(torch._int_mm(codes, w_t), a_scale, a_zero, w_scale, w_sum)
 
 
 def check_k(k: int, what: str) -> None:

@@ -14,9 +14,15 @@ from torch import nn
 
 from ..infra.errors import PipelineError
 from ..rotation.hadamard import has_hadamard
-from .kernels import (check_k, cpu_int8_ready, cpu_ops, gemm_w4a4_int8, hadamard_base, ops_for,
-                      reference_quantize_act)
+from .kernels import check_k, cpu_int8_ready, cpu_ops, gemm_w4a4_int8, hadamard_base, ops_for
 from ..surgery.online import QuantLinear
+
+
+# At most this many tokens per call (decode), the C++ int4 kernel reads the packed weights directly:
+# measured 2.1 ms against oneDNN int8's 16.1 ms (it reorders the weight each call) and bf16's 16.0 at
+# M = 1, 12.7 / 16.0 / 16.0 at M = 4, 47 / 22 / 24 at M = 16 (Llama-3-8B qkv 4096x6144, 2 threads,
+# AMD EPYC, contended; docs/perf-notes.md).
+DECODE_ROWS = 4
 
 
 class Linear4bit(nn.Module):
@@ -47,7 +53,8 @@ class Linear4bit(nn.Module):
             raise PipelineError(f"Linear4bit: no Hadamard construction for K={self.in_features}")
         self.register_buffer("had_base", hadamard_base(self.in_features) if rotate_input else None)
         self._codes_t: torch.Tensor | None = None
-        self.cpu_gemm = "auto"  # CPU GEMM: "auto" (int8 dot products where torch._int_mm runs), "int8", "int4"
+        self.cpu_gemm = "auto"  # CPU GEMM: "auto" (int4 kernel up to DECODE_ROWS tokens, else int8 dot
+        # products where torch._int_mm runs), "int8", "int4"
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_scale: torch.Tensor, clip_ratio: float = 1.0,
@@ -92,8 +99,9 @@ class Linear4bit(nn.Module):
         else:
             if self.rotate_input:
                 x2 = ops.hadamard(x2, self.had_base)
-            if self.cpu_gemm == "int8" or (self.cpu_gemm == "auto" and cpu_int8_ready()):
-                codes, scale, zero = reference_quantize_act(x2, self.clip_ratio)  # int8 codes, no packing
+            rows = x2.shape[0]
+            if self.cpu_gemm == "int8" or (self.cpu_gemm == "auto" and rows > DECODE_ROWS and cpu_int8_ready()):
+                codes, scale, zero = ops.quantize_act_int8(x2, self.clip_ratio)  # one int8 code per element
                 y = gemm_w4a4_int8(codes, scale, zero, self._weight_codes_t(), self.w_scale, self.w_sum)
             else:
                 packed, scale, zero = ops.quantize_act(x2, self.clip_ratio)
