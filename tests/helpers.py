@@ -59,7 +59,7 @@ def one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
 
 
 # --- float64 tiny models and their logits ---
-MODELS = ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_no_hadamard", "tiny_qwen3", "tiny_llama32"]
+MODELS = ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_no_hadamard", "tiny_qwen3", "tiny_llama32", "tiny_phi3"]
 
 
 def f64_model(name: str):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.model.adapters import adapter_for
+from pipeline.model.adapters import adapter_for, get_linear
 from pipeline.methods import MethodSpec, make_rotations, prepare_model
 from pipeline.quant.quantizers import QuantSpec
 from pipeline.surgery.weights import replace_norms
@@ -27,10 +27,12 @@ def test_rotated_model_matches_original_float64(name, r_kind, tokens):
 def test_rotation_really_changes_weights(name, tokens):
     """Guards the test above against a no-op: weights move, function does not."""
     model = f64_model(name)
-    before = adapter_for(model).layers(model)[0].self_attn.q_proj.weight.clone()
+    adapter = adapter_for(model)
+    first = adapter.ATTN_READERS[0]  # q_proj, or a fused qkv_proj
+    before = get_linear(adapter.layers(model)[0], first).weight.clone()
     method = MethodSpec(name="quarot", r1="random_hadamard", r2="random_hadamard", online_r3=True, online_r4=True)
     prepare_model(model, method, make_rotations(method, model), QuantSpec())
-    after = adapter_for(model).layers(model)[0].self_attn.q_proj.linear.weight
+    after = get_linear(adapter.layers(model)[0], first).weight
     assert (after - before).abs().max() > 1e-3
 
 

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import model_cfg
-from pipeline.model.adapters import adapter_for
+from pipeline.model.adapters import adapter_for, get_linear
 from pipeline.infra.errors import PipelineError
 from pipeline.model.load import converted_gguf_folder, load_model, model_fingerprint
 
@@ -19,13 +19,15 @@ from pipeline.model.load import converted_gguf_folder, load_model, model_fingerp
     ("tiny_mistral", "MistralForCausalLM", False),
     ("tiny_qwen3", "Qwen3ForCausalLM", True),
     ("tiny_llama32", "LlamaForCausalLM", False),
+    ("tiny_phi3", "Phi3ForCausalLM", False),
 ])
 def test_adapters_find_every_linear(name, arch, bias):
     model, tok = load_model(model_cfg(name))
     adapter = adapter_for(model)
     assert type(model).__name__ == arch == adapter.architecture
     layer = adapter.layers(model)[0]
-    assert (layer.self_attn.q_proj.bias is not None) == bias
+    assert all(isinstance(get_linear(layer, n), torch.nn.Linear) for n in adapter.layer_linear_names())
+    assert (get_linear(layer, adapter.ATTN_READERS[0]).bias is not None) == bias
     dims = adapter.dims(model)
     assert dims.n_heads % dims.n_kv_heads == 0 and dims.n_heads > dims.n_kv_heads  # GQA
     assert len(adapter.norm_sites(model)) == 2 * dims.n_layers + 1

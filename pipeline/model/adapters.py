@@ -94,6 +94,11 @@ class DecoderAdapter:
         """State-dict prefix of decoder layer ``i`` (``model.layers.<i>.``)."""
         return f"model.layers.{i}."
 
+    def v_rows(self, layer: nn.Module) -> tuple[int, int] | None:
+        """The rows of ``V_PROJ`` that hold v, where that linear also computes q and k (a fused qkv
+        projection); None: all of them."""
+        return None
+
     def layer_linear_names(self) -> tuple[str, ...]:
         """Every quantized linear of a layer, relative to the layer, in forward order."""
         return (*self.ATTN_READERS, self.ATTN_WRITER, *self.MLP_READERS, self.MLP_WRITER)
@@ -126,13 +131,29 @@ class Qwen3Adapter(DecoderAdapter):
     architecture = "Qwen3ForCausalLM"
 
 
+class Phi3Adapter(DecoderAdapter):
+    """Phi-3 (``Phi3ForCausalLM``): q, k and v come from one fused ``qkv_proj`` (rows q | k | v) and gate
+    and up from one ``gate_up_proj``. R1 acts on their inputs whole; R2 only on qkv_proj's v rows
+    (``v_rows``); each fused linear is one linear for GPTQ and activation quantization (one input)."""
+
+    architecture = "Phi3ForCausalLM"
+    ATTN_READERS = ("self_attn.qkv_proj",)
+    MLP_READERS = ("mlp.gate_up_proj",)
+    V_PROJ = "self_attn.qkv_proj"
+
+    def v_rows(self, layer: nn.Module) -> tuple[int, int]:
+        attn = layer.get_submodule(self.ATTENTION)
+        q, kv = attn.config.num_attention_heads * attn.head_dim, attn.num_key_value_heads * attn.head_dim
+        return q + kv, q + 2 * kv
+
+
 ADAPTERS: dict[str, DecoderAdapter] = {
-    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), Qwen3Adapter())
+    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), Qwen3Adapter(), Phi3Adapter())
 }
 
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 
 _BLOCK_OUTPUT_NORM = ("normalises each block's output before the residual add (post-attention and "
                       "post-feedforward norms): the residual stream's rotation would have to pass through a "

@@ -44,16 +44,27 @@ def embedding_steps(model: nn.Module, adapter: DecoderAdapter) -> list[Step]:
     return [(adapter.embedding(model), "weight", [(reader, "A.0")])]
 
 
+def on_rows(fn: Transform, start: int, end: int) -> Transform:
+    """``fn`` applied to rows ``start:end`` of a weight (or elements of a bias) only, the rest kept; out
+    of place, so autograd (training) and the float64 fuse both take it."""
+    def transform(t: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t[:start], fn(t[start:end], R), t[end:]])
+    transform.__name__ = f"{fn.__name__}[{start}:{end}]"
+    return transform
+
+
 def layer_steps(layer: nn.Module, i: int, adapter: DecoderAdapter) -> list[Step]:
     """Decoder layer ``i``: attention reads in ``A.i`` and writes in ``B.i`` (R2 on v/o), the FFN reads
     in ``B.i`` and writes in ``A.<i+1>``."""
     a_in, b, a_out, r2 = f"A.{i}", f"B.{i}", f"A.{i + 1}", f"R2.{i}"
     steps: list[Step] = []
+    v_rows = adapter.v_rows(layer)  # a fused qkv projection: R2 on its v rows only
+    v_weight, v_bias = (head_rows, head_bias) if v_rows is None else (on_rows(head_rows, *v_rows), on_rows(head_bias, *v_rows))
     for name in adapter.ATTN_READERS:
-        extra = [(head_rows, r2)] if name == adapter.V_PROJ else []
+        extra = [(v_weight, r2)] if name == adapter.V_PROJ else []
         steps.append((get_linear(layer, name), "weight", [(reader, a_in), *extra]))
         if name == adapter.V_PROJ and get_linear(layer, name).bias is not None:
-            steps.append((get_linear(layer, name), "bias", [(head_bias, r2)]))
+            steps.append((get_linear(layer, name), "bias", [(v_bias, r2)]))
     o = get_linear(layer, adapter.ATTN_WRITER)
     steps.append((o, "weight", [(head_cols, r2), (writer, b)]))
     for name in adapter.MLP_READERS:
