@@ -45,8 +45,21 @@ def test_no_data_dir_and_hub_off(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
+    """A random-init config of a family the pipeline cannot rotate is refused from its config, saying why."""
     proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.config.model_type=gpt2")
-    one_line_error(proc, "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")
+    one_line_error(proc, "model family model_type='gpt2' cannot be rotated: it uses LayerNorm, which subtracts the mean")
+
+
+def test_unsupported_model_class_is_one_line():
+    """A model built elsewhere, of a class with no adapter, is one line naming the supported classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.model.adapters import adapter_for
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2))
+    with pytest.raises(PipelineError, match="unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, "
+                                            "MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        adapter_for(model)
 
 
 def test_llama3_composes_and_prints(tmp_path):

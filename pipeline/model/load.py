@@ -212,6 +212,7 @@ def build_random_model(
     hf = OmegaConf.to_container(hf, resolve=True) if isinstance(hf, DictConfig) else dict(hf)
     model_type = hf.pop("model_type")
     config = AutoConfig.for_model(model_type, **hf)
+    check_config(config)  # a family without an adapter (or one that cannot be rotated) stops here, in one line
     config._attn_implementation = "sdpa"
     torch.manual_seed(int(model_cfg.get("seed", 0)))
     with torch.device(device):
