@@ -44,6 +44,14 @@ def test_no_data_dir_and_hub_off(tmp_path):
     one_line_error(proc, "needs a data dir")
 
 
+def test_unusable_mlflow_store_is_one_line(tmp_path):
+    """MLflow 3 refuses its file store: the stage says which URI and what to use, before any work."""
+    proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", f"paths.artifacts={tmp_path / 'a'}",
+                     f"mlflow.tracking_uri=file:{tmp_path / 'mlruns'}")
+    one_line_error(proc, f"mlflow.tracking_uri=file:{tmp_path / 'mlruns'}: MLflow cannot use this store")
+    assert not (tmp_path / "a").exists()
+
+
 def test_unsupported_architecture(tmp_path):
     """A random-init config of a family the pipeline cannot rotate is refused from its config, saying why."""
     proc = run_stage(tmp_path, "calibrate.py", "+model=tiny_llama", "model.config.model_type=gpt2")

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .artifacts import output_lock
 from .config import REPO_ROOT
+from .errors import PipelineError
 from .settings import quant_label
 
 
@@ -87,7 +88,12 @@ def stage_run(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[
     # (the loser died in alembic): the first one to take the lock does it, the other finds it done
     db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     with output_lock(db) if db is not None else nullcontext():
-        mlflow.set_experiment(cfg.get("mlflow", {}).get("experiment") or "respinquant")
+        try:
+            mlflow.set_experiment(cfg.get("mlflow", {}).get("experiment") or "respinquant")
+        except mlflow.exceptions.MlflowException as exc:  # an unusable store: say which, in one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PipelineError(f"mlflow.tracking_uri={uri}: MLflow cannot use this store ({first[:300]}); "
+                                f"use a sqlite:/// or http(s):// URI") from None
     container = OmegaConf.to_container(cfg, resolve=True)
     commit = _git_commit()
     tags = {
