@@ -89,7 +89,23 @@ def test_every_quant_preset_is_valid():
 
 # The `dvc exp run -S '...'` overrides that conf/pipeline.yaml's comment gives for adding the GPTQ
 # ReSpinQuant variant to dvc repro (README "What runs"), read from the file so the recipe is what is tested.
-ADD_GPTQ_VARIANT = re.findall(r"-S '([^']+)'", (ROOT / "conf" / "pipeline.yaml").read_text())
+PIPELINE_RECIPES = re.findall(r"-S '([^']+)'", (ROOT / "conf" / "pipeline.yaml").read_text())
+ADD_GPTQ_VARIANT = [o for o in PIPELINE_RECIPES if "respinquant_gptq" in o]
+# the opt-ins that the comment gives for what the default dvc repro leaves off (zero-shot, the rank sweep)
+OPT_INS = [o for o in PIPELINE_RECIPES if "respinquant_gptq" not in o]
+
+
+def test_opt_ins_of_the_default_pipeline_compose():
+    """Zero-shot and the rank sweep are off under the default dvc repro (its 30-min budget); the
+    comment's overrides turn them on: every task of config.yaml, and a sweep of both low-rank variants."""
+    default = compose_pipeline([])
+    assert list(default.eval.tasks) == [] and dict(default.rank_sweep.variants) == {}
+    assert sorted(o.split("=")[0] for o in OPT_INS) == ["+rank_sweep.variants.respinquant",
+                                                        "+rank_sweep.variants.respinquant_chained", "eval.tasks"]
+    cfg = compose_pipeline(OPT_INS)
+    hand = OmegaConf.load(ROOT / "conf" / "config.yaml")
+    assert list(cfg.eval.tasks) == list(hand.eval.tasks)
+    assert dict(cfg.rank_sweep.variants) == dict(cfg.approx_variants)
 
 
 @pytest.mark.parametrize("overrides", [[], ADD_GPTQ_VARIANT], ids=["default", "with_gptq_variant"])
@@ -106,7 +122,7 @@ def test_stage_lists_match_variants(overrides):
                  if v[k].method.per_layer and v[k].method.transition == "dense"}
     assert dict(cfg.layerwise_variants) == layerwise
     assert dict(cfg.approx_variants) == {k: v[k].layerwise_from for k in v if v[k].method.transition == "low_rank"}
-    assert set(cfg.rank_sweep.variants) == {"respinquant", "respinquant_chained"}
+    assert set(cfg.rank_sweep.variants) <= set(cfg.approx_variants)
     for name, source in cfg.rank_sweep.variants.items():  # its DVC dependency
         assert source == cfg.approx_variants[name]
     for name in v:  # every shared source is accepted by the run-time check

@@ -21,7 +21,8 @@ COPY = ["pipeline", "stages", "conf", "notebooks", "cuda_ext", "dvc.yaml", ".dvc
 TINY = ["model=tiny_llama", "train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2",
         "train.checkpoint_every=1", "calib.stats_windows=2", "eval.seqlen=128", "eval.max_windows=2",
         "eval.limit=2", "eval.tasks=[arc_easy,piqa,hellaswag]", "rank_sweep.ranks=[0,full]",
-        "rank_sweep.max_windows=1", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
+        "rank_sweep.max_windows=1", "+rank_sweep.variants.respinquant=layerwise",
+        "+rank_sweep.variants.respinquant_chained=layerwise", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
         "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8", "report.seeds=[0,1]",
         # six of the seven default variants: every stage and every kind of variant (no rotation, Hadamard, trained
         # global, per-layer, both low-rank ones) once; fp16 only repeats rtn's stages
