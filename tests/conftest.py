@@ -16,12 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RSQ_DATA_DIR", str(SHARED_DATA))
 
-# A Mistral config exists only for tests: it exercises the third adapter on a third size pair.
+# A Mistral config exists only for tests: it exercises the third adapter on a third size pair
+# (hidden 448 = 28*16, intermediate 192 = 12*16, 7 heads of 64, MQA; formerly hidden 896 and head_dim 128).
 TINY_MISTRAL = {
     "name": "tiny_mistral", "source": "random_init", "seed": 1, "dtype": "float32",
     "config": {
-        "model_type": "mistral", "vocab_size": 257, "hidden_size": 896, "intermediate_size": 192,
-        "num_hidden_layers": 2, "num_attention_heads": 7, "num_key_value_heads": 1, "head_dim": 128,
+        "model_type": "mistral", "vocab_size": 257, "hidden_size": 448, "intermediate_size": 192,
+        "num_hidden_layers": 2, "num_attention_heads": 7, "num_key_value_heads": 1, "head_dim": 64,
         "max_position_embeddings": 512, "tie_word_embeddings": False, "sliding_window": None,
         "bos_token_id": 256, "eos_token_id": 256, "pad_token_id": 256,
     },
