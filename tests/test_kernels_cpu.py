@@ -66,7 +66,12 @@ def test_quantize_act_matches_the_fake_quantizer(ops, M, N, K, clip):
     assert torch.equal(half, ops.quantize_act(x.half().float(), clip)[0])
 
 
-@pytest.mark.parametrize("M,N,K", SHAPES)
+# decode shapes (M <= 16: the packed-weight dot-product kernel): every token-group remainder, odd N, K/2
+# below, at and past whole vectors
+DECODE_SHAPES = [(16, 97, 1024), (3, 33, 4096), (5, 64, 160), (2, 7, 32), (14, 3, 256)]
+
+
+@pytest.mark.parametrize("M,N,K", [*SHAPES, *DECODE_SHAPES])
 def test_int4_gemm_bit_exact_and_epilogue(ops, M, N, K):
     gen = _gen(M + N + K)
     a, w = _codes(M, K, gen), _codes(N, K, gen)
@@ -141,7 +146,7 @@ def test_hadamard_matches_the_fast_transform(ops, n):
     torch.testing.assert_close(y.double().norm(dim=1), x.double().norm(dim=1), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("T,D,r", [(1, 64, 1), (13, 576, 32), (5, 192, 128)])
+@pytest.mark.parametrize("T,D,r", [(1, 64, 1), (13, 576, 32), (5, 192, 128), (11, 200, 32), (9, 1024, 64), (1, 4096, 32), (2, 1000, 64), (1, 48, 16), (20, 72, 16), (17, 200, 7), (9, 96, 0)])
 def test_transition_fused_with_the_residual_add(ops, T, D, r):
     gen = _gen(T * D + r)
     h = torch.randn(T, D, generator=gen)
@@ -149,6 +154,13 @@ def test_transition_fused_with_the_residual_add(ops, T, D, r):
     M = (torch.randn(r, r, generator=gen) * 0.1)
     out = ops.transition(h, Q, M)
     torch.testing.assert_close(out.double(), reference_transition(h, Q, M), rtol=1e-5, atol=1e-5, msg=f"seed {SEED}")
+    x = torch.randn(T, D, generator=gen)  # the block output: the whole residual add in the same pass
+    out = ops.transition(h, Q, M, x=x)
+    torch.testing.assert_close(out.double(), reference_transition(h, Q, M) + x.double(), rtol=1e-5, atol=1e-5, msg=f"seed {SEED}")
+    bf16 = ops.transition(h.bfloat16(), Q, M, x=x.bfloat16())  # any float dtype in, the same dtype out
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.double(), reference_transition(h.bfloat16(), Q, M) + x.bfloat16().double(),
+                               rtol=1e-2, atol=1e-2, msg=f"seed {SEED}")
 
 
 @pytest.mark.parametrize("call,message", [
@@ -163,6 +175,8 @@ def test_transition_fused_with_the_residual_add(ops, T, D, r):
      "a_scale must have shape (2)"),
     (lambda ops: ops.hadamard(torch.zeros(2, 48), hadamard_base(32)), "n / m = 48 must be a power of two"),
     (lambda ops: ops.transition(torch.zeros(2, 64), torch.zeros(64, 4), torch.zeros(3, 3)), "M must be (4, 4)"),
+    (lambda ops: ops.transition(torch.zeros(2, 64), torch.zeros(64, 4), torch.zeros(4, 4), x=torch.zeros(3, 64)),
+     "x must have h's shape"),
 ])
 def test_bad_shapes_are_one_clear_error(ops, call, message):
     with pytest.raises(RuntimeError) as info:
@@ -201,6 +215,11 @@ def test_staged_sources_are_content_addressed(tmp_path, monkeypatch):
     assert staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O2"])[0] != first[0]
     (checkouts[1] / "k.h").write_text("#define K 2\n")
     assert staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O3"])[0] != first[0]
+    import pipeline.export.kernels as kernels  # a -march=native build is keyed by the CPU too
+    native = [staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-march=native"])[0]]
+    monkeypatch.setattr(kernels, "native_cpu_id", lambda: "model name: another CPU\nflags: sse2\n")
+    native.append(staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-march=native"])[0])
+    assert native[0] != native[1] and staged_sources("rsq_t", [checkouts[1] / "k.cpp"], ["-O3"])[0] != first[0]
     from pipeline.infra.errors import PipelineError
     with pytest.raises(PipelineError, match="sources are missing"):
         staged_sources("rsq_t", [tmp_path / "nowhere.cpp"], ["-O3"])
@@ -225,3 +244,47 @@ def test_linear4bit_dispatch_decode_rows_to_the_int4_kernel(monkeypatch):
     for rows in (1, l4.DECODE_ROWS, l4.DECODE_ROWS + 1):
         lin(torch.randn(rows, 64))
     assert calls == ([l4.DECODE_ROWS + 1] if cpu_int8_ready() else [])
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif("avx512bw" not in _cpu_flags(), reason="this CPU has no AVX-512: the native build is the AVX2 path")
+def test_decode_kernel_avx2_path_is_exact_too():
+    """The decode kernel is chosen at build time (-march=native): an AVX-512 host tests its own path above;
+    this builds the AVX2 one (VPMADDUBSW + VPMADDWD, the AMD-without-AVX-512 machines') and checks it
+    bit for bit too, every token-group remainder, odd N, K/2 below and past whole vectors."""
+    from torch.utils.cpp_extension import load
+
+    from pipeline.export.kernels import CPU_CFLAGS, CPU_LDFLAGS, CPU_SOURCES, staged_sources
+
+    flags = [("-march=x86-64-v3" if f == "-march=native" else f) for f in CPU_CFLAGS]
+    name, sources = staged_sources("rsq_w4a4_cpu_avx2", CPU_SOURCES, flags)
+    avx2 = load(name=name, sources=sources, extra_cflags=flags, extra_ldflags=CPU_LDFLAGS)
+    gen = _gen(11)
+    for M, N, K in [(1, 33, 32), *DECODE_SHAPES, (7, 5, 576)]:
+        a, w = _codes(M, K, gen), _codes(N, K, gen)
+        a[0], w[0] = -8, -8
+        got = avx2.gemm_int4(avx2.pack_int4(a), avx2.pack_int4(w))
+        assert torch.equal(got, reference_gemm_int4(a, w)), f"seed {SEED}, shape {(M, N, K)}"
+
+
+def test_decode_crossover_times_both_paths_and_refuses_bad_input(capsys):
+    """pipeline.tools.decode_crossover (what DECODE_ROWS is set from): both CPU GEMMs on one shape, the
+    same bits (checked inside), a row per M; bad input is one line and exit 2."""
+    from pipeline.export.kernels import cpu_int8_ready
+    from pipeline.tools import decode_crossover
+
+    with pytest.raises(SystemExit) as exit_:
+        decode_crossover.main(["--m", "0"])
+    assert exit_.value.code == 2 and "--m needs positive token counts" in capsys.readouterr().err
+    if not cpu_int8_ready():
+        pytest.skip("torch._int_mm does not run on this CPU")
+    rows = decode_crossover.crossover([1, 17], 0.01, shapes=("o",))
+    assert [(r["shape"], r["M"]) for r in rows] == [("o 4096x4096", 1), ("o 4096x4096", 17)]
+    assert all(r["int4_ms"] > 0 and r["int8_ms"] > 0 and r["ratio"] > 0 for r in rows)

@@ -9,10 +9,15 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -198,10 +203,158 @@ at::Tensor dequant_epilogue(const at::Tensor& acc_in, const at::Tensor& a_scale,
 
 namespace {
 
+// ---- decode GEMM (M <= kGemvRows tokens): int8 dot products straight on the packed int4 weights ------
+// A weight code w in [-8, 7] is read as the unsigned u = w + 8 = nibble ^ 8 in [0, 15], so a packed byte
+// needs no sign extension: (byte ^ 0x88) & 0x0F is the even k's u, ((byte ^ 0x88) >> 4) & 0x0F the odd
+// k's. The activation codes a are sign-extended once per call into int8 (even k, odd k) rows, and
+//   sum_k a w = sum_k u a - 8 sum_k a,
+// exact in int32. u (unsigned) times a (signed) is what VPDPBUSD sums (u8 x s8 -> s32 in groups of 4;
+// AVX-512 VNNI or AVX-VNNI), or VPMADDUBSW + VPMADDWD where it is missing (|15 * 8 * 2| fits int16:
+// no saturation). The weights are read once per call from their packed bytes, a quarter of bf16's
+// bytes: decode is bound by memory, not by unpacking. Chosen at build time (the extension is compiled
+// with -march=native on the machine that runs it); other CPUs keep the portable loop.
+constexpr int64_t kGemvRows = 16;
+
+#if defined(__AVX512BW__) || defined(__AVX2__)
+constexpr bool kHaveGemv = true;
+#if defined(__AVX512BW__)
+using vec_t = __m512i;
+constexpr int64_t kVecBytes = 64;
+inline vec_t vzero() { return _mm512_setzero_si512(); }
+inline vec_t vload(const void* p, int64_t n) {  // n < 64: the rest is zero, nothing past p + n is read
+  return n >= kVecBytes ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(_cvtu64_mask64((1ULL << n) - 1), p);
+}
+inline vec_t vlow(vec_t b) { return _mm512_and_si512(b, _mm512_set1_epi8(0x0F)); }
+inline vec_t vhigh(vec_t b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0x0F)); }
+inline vec_t vflip(vec_t b) { return _mm512_xor_si512(b, _mm512_set1_epi8(static_cast<char>(0x88))); }
+inline vec_t vdot(vec_t acc, vec_t u, vec_t s) {  // acc (16 x int32) += groups of 4 u8 * s8
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+inline int32_t vsum(vec_t v) { return _mm512_reduce_add_epi32(v); }
+#else
+using vec_t = __m256i;
+constexpr int64_t kVecBytes = 32;
+inline vec_t vzero() { return _mm256_setzero_si256(); }
+inline vec_t vload(const void* p, int64_t n) {
+  if (n >= kVecBytes) return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+  alignas(32) uint8_t buf[kVecBytes] = {};
+  std::memcpy(buf, p, static_cast<size_t>(n));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+inline vec_t vlow(vec_t b) { return _mm256_and_si256(b, _mm256_set1_epi8(0x0F)); }
+inline vec_t vhigh(vec_t b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F)); }
+inline vec_t vflip(vec_t b) { return _mm256_xor_si256(b, _mm256_set1_epi8(static_cast<char>(0x88))); }
+inline vec_t vdot(vec_t acc, vec_t u, vec_t s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+inline int32_t vsum(vec_t v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// acc (MT, NR): sum_k u w-row(n0 + r) * a-row(m0 + t), both parities, for NR weight rows and MT tokens.
+// even, odd: (M, K/2) int8 activation codes of even / odd k.
+template <int NR, int MT>
+inline void gemv_block(const uint8_t* wp, const int8_t* even, const int8_t* odd, int64_t m0, int64_t n0,
+                       int64_t half_k, int32_t (&acc)[MT][NR]) {
+  vec_t sums[MT][NR];
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) sums[t][r] = vzero();
+  for (int64_t j = 0; j < half_k; j += kVecBytes) {
+    const int64_t n = std::min(kVecBytes, half_k - j);
+    vec_t wl[NR], wh[NR];
+    for (int r = 0; r < NR; ++r) {  // the next block's bytes (NR rows on) are fetched while this one runs
+      _mm_prefetch(reinterpret_cast<const char*>(wp + (n0 + 2 * NR + r) * half_k + j), _MM_HINT_T0);
+      const vec_t b = vflip(vload(wp + (n0 + r) * half_k + j, n));
+      wl[r] = vlow(b);
+      wh[r] = vhigh(b);
+    }
+    for (int t = 0; t < MT; ++t) {
+      const vec_t ae = vload(even + (m0 + t) * half_k + j, n), ao = vload(odd + (m0 + t) * half_k + j, n);
+      for (int r = 0; r < NR; ++r) sums[t][r] = vdot(vdot(sums[t][r], wl[r], ae), wh[r], ao);
+    }
+  }
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r) acc[t][r] = vsum(sums[t][r]);
+}
+
+// MT tokens from m0 against NR rows from n0, written through the epilogue.
+template <int NR, int MT, typename Out, typename Epilogue>
+inline void gemv_tile(const uint8_t* wp, const int8_t* even, const int8_t* odd, const int32_t* asum, int64_t m0,
+                      int64_t n0, int64_t N, int64_t half_k, Out* out, Epilogue& epilogue) {
+  int32_t acc[MT][NR];
+  gemv_block<NR, MT>(wp, even, odd, m0, n0, half_k, acc);
+  for (int t = 0; t < MT; ++t)
+    for (int r = 0; r < NR; ++r)
+      out[(m0 + t) * N + n0 + r] = epilogue(m0 + t, n0 + r, acc[t][r] - 8 * asum[m0 + t]);
+}
+
+template <int NR, typename Out, typename Epilogue>
+inline void gemv_rows(const uint8_t* wp, const int8_t* even, const int8_t* odd, const int32_t* asum, int64_t M,
+                      int64_t n0, int64_t N, int64_t half_k, Out* out, Epilogue& epilogue) {
+  int64_t m0 = 0;  // tokens in groups of 4 (the weight rows stay in L1 between groups)
+  for (; m0 + 4 <= M; m0 += 4) gemv_tile<NR, 4>(wp, even, odd, asum, m0, n0, N, half_k, out, epilogue);
+  switch (M - m0) {
+    case 3: gemv_tile<NR, 3>(wp, even, odd, asum, m0, n0, N, half_k, out, epilogue); break;
+    case 2: gemv_tile<NR, 2>(wp, even, odd, asum, m0, n0, N, half_k, out, epilogue); break;
+    case 1: gemv_tile<NR, 1>(wp, even, odd, asum, m0, n0, N, half_k, out, epilogue); break;
+    default: break;
+  }
+}
+
+template <typename Out, typename Epilogue>
+void int4_gemv(const at::Tensor& a, const at::Tensor& w, Out* out, Epilogue epilogue) {
+  const int64_t M = a.size(0), N = w.size(0), half_k = a.size(1);
+  const uint8_t* ap = a.data_ptr<uint8_t>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  std::vector<int8_t> even(static_cast<size_t>(M * half_k)), odd(even.size());
+  std::vector<int32_t> asum(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < half_k; ++j) {
+      const uint8_t b = ap[m * half_k + j];
+      even[m * half_k + j] = low_nibble(b);
+      odd[m * half_k + j] = high_nibble(b);
+      s += low_nibble(b) + high_nibble(b);
+    }
+    asum[m] = s;
+  }
+  constexpr int64_t kRows = kVecBytes == 64 ? 4 : 2;  // weight rows per block: 4 x 4 accumulators + 8 weight vectors fit 32 zmm
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(half_k, 1));  // about 32 KiB of weights per task
+  at::parallel_for(0, (N + kRows - 1) / kRows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * kRows;
+      if (n0 + kRows <= N) {
+        gemv_rows<kRows>(wp, even.data(), odd.data(), asum.data(), M, n0, N, half_k, out, epilogue);
+      } else {
+        for (int64_t n = n0; n < N; ++n)
+          gemv_rows<1>(wp, even.data(), odd.data(), asum.data(), M, n, N, half_k, out, epilogue);
+      }
+    }
+  });
+}
+#else
+constexpr bool kHaveGemv = false;
+template <typename Out, typename Epilogue>
+void int4_gemv(const at::Tensor&, const at::Tensor&, Out*, Epilogue) {}
+#endif
+
 // acc (M, N) int32 = A_codes (M, K) @ W_codes (N, K)^T, then epilogue(m, n, acc) -> out.
 template <typename Out, typename Epilogue>
 void int4_gemm(const at::Tensor& a, const at::Tensor& w, Out* out, Epilogue epilogue) {
   const int64_t M = a.size(0), N = w.size(0), half_k = a.size(1), K = 2 * half_k;
+  if (kHaveGemv && M <= kGemvRows) return int4_gemv(a, w, out, epilogue);
   const uint8_t* ap = a.data_ptr<uint8_t>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   // A is unpacked once (M x K int16); each W row is unpacked once per task, blocks of N rows.
@@ -316,7 +469,196 @@ at::Tensor hadamard(const at::Tensor& x_in, const at::Tensor& base_in) {
 }
 
 // out = h + ((h @ Q) @ M) @ Q^T per row, float32, fused with the residual add (no D x D matrix).
-at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& m_in) {
+namespace {
+
+constexpr int64_t kTransitionTile = 8;    // tokens per tile: Q is read once per tile, not per token
+constexpr int64_t kTransitionBlock = 64;  // output columns per register block of the expansion
+
+#if defined(__AVX512F__)
+// AVX-512 forms of the tile's two long products, for r = 16 RV (RV = 1, 2, 4), TT tokens: the
+// accumulators stay in registers (TT * RV <= 16 zmm), columns past D masked.
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+// u (TT, 16 RV) = h (TT, D) Q (D, 16 RV).
+template <int RV, int TT>
+void project_avx512(const float* __restrict h, const float* __restrict q, int64_t D, float* __restrict u) {
+  __m512 acc[TT][RV];
+  for (int t = 0; t < TT; ++t)
+    for (int k = 0; k < RV; ++k) acc[t][k] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 qv[RV];
+    for (int k = 0; k < RV; ++k) qv[k] = _mm512_loadu_ps(q + d * 16 * RV + 16 * k);
+    for (int t = 0; t < TT; ++t) {
+      const __m512 hb = _mm512_set1_ps(h[t * D + d]);
+      for (int k = 0; k < RV; ++k) acc[t][k] = _mm512_fmadd_ps(hb, qv[k], acc[t][k]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int k = 0; k < RV; ++k) _mm512_storeu_ps(u + t * 16 * RV + 16 * k, acc[t][k]);
+}
+
+// y (TT, D) = h (+ x) + v (TT, 16 RV) Q^T, qt = Q^T (16 RV, D): 16 columns at a time.
+template <int RV, int TT>
+void expand_avx512(const float* __restrict h, const float* __restrict x, const float* __restrict v,
+                   const float* __restrict qt, int64_t D, float* __restrict y) {
+  constexpr int R = 16 * RV;
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    const __mmask16 k = tail_mask(D - d0);
+    __m512 acc[TT];
+    for (int t = 0; t < TT; ++t) {
+      acc[t] = _mm512_maskz_loadu_ps(k, h + t * D + d0);
+      if (x != nullptr) acc[t] = _mm512_add_ps(acc[t], _mm512_maskz_loadu_ps(k, x + t * D + d0));
+    }
+    for (int j = 0; j < R; ++j) {
+      const __m512 qv = _mm512_maskz_loadu_ps(k, qt + j * D + d0);
+      for (int t = 0; t < TT; ++t) acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(v[t * R + j]), qv, acc[t]);
+    }
+    for (int t = 0; t < TT; ++t) _mm512_mask_storeu_ps(y + t * D + d0, k, acc[t]);
+  }
+}
+
+template <int RV>
+bool tile_avx512_rv(const float* h, const float* x, const float* q, const float* qt, const float* m, float* y,
+                    int64_t rows, int64_t D, float* u, float* v) {
+  constexpr int64_t R = 16 * RV, step = RV <= 2 ? 8 : 4;  // tokens per register block
+  for (int64_t t0 = 0; t0 < rows; t0 += step) {
+    const int64_t tt = std::min(step, rows - t0);
+    const float* ht = h + t0 * D;
+    float* ut = u + t0 * R;
+    switch (tt) {
+#define RSQ_PROJECT(N) case N: project_avx512<RV, N>(ht, q, D, ut); break;
+      RSQ_PROJECT(1) RSQ_PROJECT(2) RSQ_PROJECT(3) RSQ_PROJECT(4)
+      RSQ_PROJECT(5) RSQ_PROJECT(6) RSQ_PROJECT(7) RSQ_PROJECT(8)
+#undef RSQ_PROJECT
+      default: return false;
+    }
+  }
+  std::fill(v, v + rows * R, 0.0f);
+  for (int64_t t = 0; t < rows; ++t)  // v = u M (r x r: small)
+    for (int64_t i = 0; i < R; ++i) {
+      const float ui = u[t * R + i];
+      const float* mrow = m + i * R;
+      for (int64_t j = 0; j < R; ++j) v[t * R + j] = std::fma(ui, mrow[j], v[t * R + j]);
+    }
+  for (int64_t t0 = 0; t0 < rows; t0 += 8) {
+    const int64_t tt = std::min<int64_t>(8, rows - t0);
+    const float* xt = x == nullptr ? nullptr : x + t0 * D;
+    switch (tt) {
+#define RSQ_EXPAND(N) case N: expand_avx512<RV, N>(h + t0 * D, xt, v + t0 * R, qt, D, y + t0 * D); break;
+      RSQ_EXPAND(1) RSQ_EXPAND(2) RSQ_EXPAND(3) RSQ_EXPAND(4)
+      RSQ_EXPAND(5) RSQ_EXPAND(6) RSQ_EXPAND(7) RSQ_EXPAND(8)
+#undef RSQ_EXPAND
+      default: return false;
+    }
+  }
+  return true;
+}
+
+// The tile on AVX-512 where r is 16, 32 or 64; false (nothing written) otherwise.
+bool transition_tile_avx512(const float* h, const float* x, const float* q, const float* qt, const float* m,
+                            float* y, int64_t rows, int64_t D, int64_t r, float* u, float* v) {
+  switch (r) {
+    case 16: return tile_avx512_rv<1>(h, x, q, qt, m, y, rows, D, u, v);
+    case 32: return tile_avx512_rv<2>(h, x, q, qt, m, y, rows, D, u, v);
+    case 64: return tile_avx512_rv<4>(h, x, q, qt, m, y, rows, D, u, v);
+    default: return false;
+  }
+}
+// One token without Q^T (decode: transposing Q would cost more than the token): y[d] = h[d] (+ x[d]) +
+// <Q[d, :], v>, a register dot product per d.
+template <int RV>
+void transition_row_avx512(const float* __restrict h, const float* __restrict x, const float* __restrict q,
+                           const float* __restrict m, int64_t D, float* __restrict y) {
+  constexpr int R = 16 * RV;
+  alignas(64) float u[R], v[R];
+  project_avx512<RV, 1>(h, q, D, u);
+  std::fill(v, v + R, 0.0f);
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < R; ++j) v[j] = std::fma(u[i], m[i * R + j], v[j]);
+  __m512 vv[RV];
+  for (int k = 0; k < RV; ++k) vv[k] = _mm512_load_ps(v + 16 * k);
+  for (int64_t d = 0; d < D; ++d) {
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + d * R), vv[0]);
+    for (int k = 1; k < RV; ++k) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d * R + 16 * k), vv[k], acc);
+    y[d] = (x != nullptr ? h[d] + x[d] : h[d]) + _mm512_reduce_add_ps(acc);
+  }
+}
+
+// Few tokens (<= 2) with r = 16, 32 or 64 on AVX-512: true when done.
+bool transition_rows_avx512(const float* h, const float* x, const float* q, const float* m, float* y, int64_t T,
+                            int64_t D, int64_t r) {
+  if (T > 2 || (r != 16 && r != 32 && r != 64)) return false;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x == nullptr ? nullptr : x + t * D;
+    if (r == 16) transition_row_avx512<1>(h + t * D, xt, q, m, D, y + t * D);
+    if (r == 32) transition_row_avx512<2>(h + t * D, xt, q, m, D, y + t * D);
+    if (r == 64) transition_row_avx512<4>(h + t * D, xt, q, m, D, y + t * D);
+  }
+  return true;
+}
+#endif
+
+// One tile of ``rows`` tokens: y = h (+ x) + ((h Q) M) Q^T. Tolerance-checked against float64 (not a
+// bit-exact reference), so it uses fused multiply-adds (std::fma, vectorised) where the file does not.
+// u, v: (rows, r) scratch. h, x, y: (rows, D) row-major; q (D, r); qt (r, D); m (r, r).
+void transition_tile(const float* __restrict h, const float* __restrict x, const float* __restrict q,
+                     const float* __restrict qt, const float* __restrict m, float* __restrict y,
+                     int64_t rows, int64_t D, int64_t r, float* __restrict u, float* __restrict v) {
+#if defined(__AVX512F__)
+  if (transition_tile_avx512(h, x, q, qt, m, y, rows, D, r, u, v)) return;
+#endif
+  std::fill(u, u + rows * r, 0.0f);
+  for (int64_t d = 0; d < D; ++d) {  // u = h Q: Q's row d serves every token of the tile
+    const float* qrow = q + d * r;
+    for (int64_t t = 0; t < rows; ++t) {
+      const float hd = h[t * D + d];
+      float* ut = u + t * r;
+      for (int64_t j = 0; j < r; ++j) ut[j] = std::fma(hd, qrow[j], ut[j]);
+    }
+  }
+  std::fill(v, v + rows * r, 0.0f);
+  for (int64_t t = 0; t < rows; ++t)  // v = u M
+    for (int64_t i = 0; i < r; ++i) {
+      const float ui = u[t * r + i];
+      const float* mrow = m + i * r;
+      for (int64_t j = 0; j < r; ++j) v[t * r + j] = std::fma(ui, mrow[j], v[t * r + j]);
+    }
+  for (int64_t d0 = 0; d0 < D; d0 += kTransitionBlock) {  // y = h (+ x) + v Q^T, one column block at a time
+    const int64_t n = std::min(kTransitionBlock, D - d0);
+    for (int64_t t = 0; t < rows; ++t) {
+      float acc[kTransitionBlock];
+      const float* ht = h + t * D + d0;
+      if (x != nullptr) {
+        const float* xt = x + t * D + d0;
+        for (int64_t k = 0; k < n; ++k) acc[k] = ht[k] + xt[k];
+      } else {
+        for (int64_t k = 0; k < n; ++k) acc[k] = ht[k];
+      }
+      const float* vt = v + t * r;
+      if (n == kTransitionBlock) {  // full block: a fixed trip count the compiler keeps in registers
+        for (int64_t j = 0; j < r; ++j) {
+          const float vj = vt[j];
+          const float* qtj = qt + j * D + d0;
+          for (int64_t k = 0; k < kTransitionBlock; ++k) acc[k] = std::fma(vj, qtj[k], acc[k]);
+        }
+      } else {
+        for (int64_t j = 0; j < r; ++j) {
+          const float vj = vt[j];
+          const float* qtj = qt + j * D + d0;
+          for (int64_t k = 0; k < n; ++k) acc[k] = std::fma(vj, qtj[k], acc[k]);
+        }
+      }
+      std::copy(acc, acc + n, y + t * D + d0);
+    }
+  }
+}
+
+}  // namespace
+
+// h + ((h Q) M) Q^T per row (ReSpinQuant's rank-r transition), plus x where given (the block output:
+// the whole residual add in one pass). h, x: (T, D) any float dtype; Q (D, r), M (r, r) float32.
+at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& m_in,
+                      const c10::optional<at::Tensor>& x_in) {
   TORCH_CHECK(h_in.dim() == 2, "transition: h must be 2-D (tokens, D), got ", h_in.sizes());
   TORCH_CHECK(h_in.device().is_cpu(), "transition: h must be on the CPU");
   check_matrix(q_in, "transition", "Q", at::kFloat);
@@ -324,45 +666,34 @@ at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::
   const int64_t T = h_in.size(0), D = h_in.size(1), r = q_in.size(1);
   TORCH_CHECK(q_in.size(0) == D, "transition: Q must be (", D, ", r), got ", q_in.sizes());
   TORCH_CHECK(m_in.size(0) == r && m_in.size(1) == r, "transition: M must be (", r, ", ", r, "), got ", m_in.sizes());
+  at::Tensor x;
+  if (x_in.has_value()) {
+    TORCH_CHECK(x_in->device().is_cpu(), "transition: x must be on the CPU");
+    TORCH_CHECK(x_in->sizes() == h_in.sizes(), "transition: x must have h's shape ", h_in.sizes(), ", got ",
+                x_in->sizes());
+    x = x_in->to(at::kFloat).contiguous();
+  }
   auto h = h_in.to(at::kFloat).contiguous();
   auto q = q_in.contiguous(), mm = m_in.contiguous();
-  auto out = at::empty_like(h);
+  auto out = at::empty({T, D}, h.options());
   const float* hp = h.data_ptr<float>();
+  const float* xp = x.defined() ? x.data_ptr<float>() : nullptr;
   const float* qp = q.data_ptr<float>();
   const float* mp = mm.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // Q^T (r, D), so the last product runs along contiguous d (vectorisable without reassociation:
-  // each y[d] still sums j = 0 .. r-1 in order, as the per-row dot product would).
-  std::vector<float> qt(static_cast<size_t>(r * D));
-  for (int64_t d0 = 0; d0 < D; d0 += 64) {  // in blocks of 64 rows of Q, so reads and writes stay in cache
-    const int64_t d1 = std::min(D, d0 + 64);
-    for (int64_t j = 0; j < r; ++j)
-      for (int64_t d = d0; d < d1; ++d) qt[j * D + d] = qp[d * r + j];
-  }
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> u(static_cast<size_t>(r)), v(static_cast<size_t>(r)), acc(static_cast<size_t>(D));
-    for (int64_t t = begin; t < end; ++t) {
-      const float* row = hp + t * D;
-      std::fill(u.begin(), u.end(), 0.0f);
-      for (int64_t d = 0; d < D; ++d) {  // u = h Q
-        const float hd = row[d];
-        const float* qrow = qp + d * r;
-        for (int64_t j = 0; j < r; ++j) u[j] += hd * qrow[j];
-      }
-      std::fill(v.begin(), v.end(), 0.0f);
-      for (int64_t i = 0; i < r; ++i) {  // v = u M
-        const float ui = u[i];
-        const float* mrow = mp + i * r;
-        for (int64_t j = 0; j < r; ++j) v[j] += ui * mrow[j];
-      }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t j = 0; j < r; ++j) {  // acc = v Q^T
-        const float vj = v[j];
-        const float* qtrow = qt.data() + j * D;
-        for (int64_t d = 0; d < D; ++d) acc[d] += vj * qtrow[d];
-      }
-      float* y = op + t * D;
-      for (int64_t d = 0; d < D; ++d) y[d] = row[d] + acc[d];  // y = h + v Q^T
+#if defined(__AVX512F__)
+  if (transition_rows_avx512(hp, xp, qp, mp, op, T, D, r)) return out.to(h_in.scalar_type());
+#endif
+  auto qt = q.t().contiguous();  // (r, D): the expansion runs along contiguous d
+  const float* qtp = qt.data_ptr<float>();
+  const int64_t tiles = (T + kTransitionTile - 1) / kTransitionTile;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(static_cast<size_t>(kTransitionTile * std::max<int64_t>(r, 1)));
+    std::vector<float> v(u.size());
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t t0 = tile * kTransitionTile, rows = std::min(kTransitionTile, T - t0);
+      transition_tile(hp + t0 * D, xp == nullptr ? nullptr : xp + t0 * D, qp, qtp, mp, op + t0 * D, rows, D, r,
+                      u.data(), v.data());
     }
   });
   return out.to(h_in.scalar_type());
@@ -378,5 +709,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_int4", &gemm_int4, "int32 (M, N) = A (M, K) @ W (N, K)^T on packed int4");
   m.def("gemm_w4a4", &gemm_w4a4, "float32 (M, N): int4 GEMM with the dequant epilogue");
   m.def("hadamard", &hadamard, "x @ kron(base, Sylvester) / sqrt(n) along the last dim");
-  m.def("transition", &transition, "h + ((h @ Q) @ M) @ Q^T per row");
+  m.def("transition", &transition, "h + ((h @ Q) @ M) @ Q^T (+ x) per row", py::arg("h"), py::arg("Q"), py::arg("M"),
+        py::arg("x") = py::none());
 }

@@ -115,7 +115,8 @@ def bench_linear(name: str, k: int, n: int, ms: list[int], timing: Timing, model
 
 
 def bench_transition(d: int, rank: int, ms: list[int], timing: Timing, model: str) -> list[dict]:
-    """Residual add ``a + b`` against the add followed by the fused rank-r transition."""
+    """Residual add ``a + b`` against the same add with the rank-r transition of the residual ``b``
+    fused into it (``ops.transition(b, Q, M, x=a)``: ``a + b + ((b Q) M) Qᵀ`` in one pass)."""
     ops = cpu_ops()
     gen = torch.Generator().manual_seed(d + rank)
     Q = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))[0].float().contiguous()
@@ -124,7 +125,7 @@ def bench_transition(d: int, rank: int, ms: list[int], timing: Timing, model: st
     for m in ms:
         pairs = [(a, b) for a, b in zip(_inputs((m, d), timing.buffers, 1), _inputs((m, d), timing.buffers, 2))]
         add = median_ms(lambda p: p[0] + p[1], pairs, timing)
-        fused = median_ms(lambda p: ops.transition(p[0] + p[1], Q, M), pairs, timing)
+        fused = median_ms(lambda p: ops.transition(p[1], Q, M, x=p[0]), pairs, timing)
         rows.append(_row("residual_add", model, f"D={d}", m, add, add))
         rows.append(_row(f"residual_add_transition_r{rank}", model, f"D={d} r={rank}", m, fused, add))
     return rows

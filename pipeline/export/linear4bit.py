@@ -18,11 +18,11 @@ from .kernels import check_k, cpu_int8_ready, cpu_ops, gemm_w4a4_int8, hadamard_
 from ..surgery.online import QuantLinear
 
 
-# At most this many tokens per call (decode), the C++ int4 kernel reads the packed weights directly:
-# measured 2.1 ms against oneDNN int8's 16.1 ms (it reorders the weight each call) and bf16's 16.0 at
-# M = 1, 12.7 / 16.0 / 16.0 at M = 4, 47 / 22 / 24 at M = 16 (Llama-3-8B qkv 4096x6144, 2 threads,
-# AMD EPYC, contended; docs/perf-notes.md).
-DECODE_ROWS = 4
+# At most this many tokens per call (decode), the C++ int4 kernel reads the packed weights directly (int8
+# dot products on the nibbles, cuda_ext/cpu/w4a4_cpu.cpp int4_gemv); more, oneDNN int8. Llama-3-8B
+# shapes, int8 / int4 time: 2.87-4.23x at M = 1, 1.33-1.68x at M = 16, 0.28-0.36x at M = 24 (past 16
+# rows the kernel is its int16 loop). AMD EPYC, 2 threads, idle: python -m pipeline.tools.decode_crossover.
+DECODE_ROWS = 16
 
 
 class Linear4bit(nn.Module):
