@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, SHARED_DATA, model_cfg
+from stage_runner import run_script
 from pipeline.infra.config import CONF_DIR, resolve_auto_dtype, select_variant
 from pipeline.methods import MethodSpec, make_rotations, prepare_base, prepare_model
 from pipeline.model.adapters import adapter_for
@@ -48,7 +49,7 @@ def run_stage(tmp_path, script: str, *overrides: str, env: dict | None = None) -
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                 "RSQ_DATA_DIR": str(SHARED_DATA), "MLFLOW_TRACKING_URI": mlflow_uri(tmp_path),
                 **(env or {})}
-    return subprocess.run(args, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300)
+    return run_script(Path(args[1]), args[2:], full_env, Path(tmp_path), timeout=300)
 
 
 def one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:

@@ -3,6 +3,9 @@ bad input as one line."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,6 +13,7 @@ import yaml
 from pipeline.tools import cells
 from pipeline.tools.cells import Cell, cells_of, load_matrix
 from helpers import mlflow_uri
+from stage_runner import run_script
 
 TINY = ["train.windows=4", "train.seqlen=64", "train.steps=2", "train.batch_size=2", "train.checkpoint_every=0",
         "calib.stats_windows=1", "eval.seqlen=128"]
@@ -71,10 +75,19 @@ def test_result_config_ignores_where_it_ran(tmp_path):
     assert set(cells.result_config(base, cell, "layerwise")["variants"]) == {"layerwise", "spinquant"}
 
 
+def _forked_stage(cmd: list[str]) -> int:
+    """``cells.run_stage_command`` through the tests' fork server (tests/stage_runner.py), output passed on."""
+    proc = run_script(Path(cmd[1]), cmd[2:], dict(os.environ), cells.REPO_ROOT, timeout=600)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    return proc.returncode
+
+
 def test_cell_runs_resumes_and_skips(tmp_path, monkeypatch, capsys):
     """One tiny cell end to end: the result file, then a rerun that runs nothing, a lost result rebuilt
     from the stage markers without rerunning a stage, a changed config rerun, and a deadline stop."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri(tmp_path))
+    monkeypatch.setattr(cells, "run_stage_command", _forked_stage)
     _, path = _matrix(tmp_path)
     dirs = ["--results", str(tmp_path / "results"), "--scratch", str(tmp_path / "scratch")]
     cells.main(["--matrix", path, *dirs])

@@ -15,6 +15,7 @@ from conftest import ROOT
 from pipeline.infra.config import write_params
 
 from mlflow_server import mlflow_server, search_runs
+from stage_runner import python_shim
 
 COPY = ["pipeline", "stages", "conf", "notebooks", "cuda_ext", "dvc.yaml", ".dvc/config", ".dvc/plots", ".dvcignore",
         "pyproject.toml", "metrics/cells/README.md", "metrics/seeds/README.md"]
@@ -48,8 +49,11 @@ def test_dvc_repro_tiny(tmp_path):
     write_params(repo / "params.yaml", TINY)
     server_dir = tmp_path / "server"
     server_dir.mkdir()
-    with mlflow_server(server_dir) as url:
-        env = {**os.environ, **GIT_ID, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    # DVC runs each stage as `python stages/<stage>.py ...`: the shim first on PATH forks it from preloaded
+    # imports (tests/stage_runner.py), the same script, argv, environment and streams, ~6 s less per stage
+    with mlflow_server(server_dir) as url, python_shim(tmp_path / "shim") as shim:
+        env = {**os.environ, **GIT_ID, "PATH": os.pathsep.join([str(shim), str(Path(sys.executable).parent),
+                                                                os.environ["PATH"]]),
                "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(repo)}
         env.pop("RSQ_PIPELINE_RUN", None)
         _run(["git", "init", "-q"], repo, env)

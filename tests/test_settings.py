@@ -32,15 +32,14 @@ def test_approximate_refuses_a_set_made_under_another_setting(tmp_path):
     run reads is refused (it used to be fused and labelled seed 0), and no subspace is written."""
     common = (*RESPIN, "calib.n_windows=2", "calib.seqlen=32", "calib.stats_windows=1", "train.steps=1",
               "train.batch_size=1", "train.checkpoint_every=0")
-    for stage in ("global", "layerwise"):
-        for seed in ("seed=1", "seed=0"):
-            if stage == "global":
-                assert run_stage(tmp_path, "calibrate.py", *common, seed).returncode == 0
-            proc = run_stage(tmp_path, "train_rotation.py", *common, seed, f"rotation_stage={stage}")
-            assert proc.returncode == 0, proc.stderr[-1500:]
+    assert run_stage(tmp_path, "calibrate.py", *common, "seed=1").returncode == 0
+    for stage in ("global", "layerwise"):  # only seed 1 is trained: approximate reads nothing else
+        proc = run_stage(tmp_path, "train_rotation.py", *common, "seed=1", f"rotation_stage={stage}")
+        assert proc.returncode == 0, proc.stderr[-1500:]
     seed0, seed1 = (hand_run(tmp_path, *common, s)[1] for s in ("seed=0", "seed=1"))
     mine, theirs = (paths.rotations(c, c.sources["layerwise"], "layerwise") for c in (seed0, seed1))
-    assert mine != theirs and mine.is_file() and theirs.is_file()  # two seeds, two sets side by side
+    assert mine != theirs and theirs.is_file() and not mine.exists()  # two seeds, two paths: no overwrite
+    mine.parent.mkdir(parents=True, exist_ok=True)
     mine.write_bytes(theirs.read_bytes())
     one_line_error(run_stage(tmp_path, "approximate.py", *common, "seed=0"),
                    "was made under another setting: calib.seed=1 (this run: 0)")

@@ -194,6 +194,12 @@ def stage_key(stage: str, args: list[str]) -> str:
     return stage
 
 
+def run_stage_command(cmd: list[str]) -> int:
+    """Run one stage (``[python, stages/<stage>.py, ...]``) from the repo root, its output on ours; its
+    exit status. (The tests replace it with a runner that forks stages from preloaded imports.)"""
+    return subprocess.run(cmd, cwd=REPO_ROOT).returncode
+
+
 def _marker(scratch: Path, stage: str, args: list[str]) -> Path:
     return scratch / "done" / ("_".join([stage, *(a.replace("=", "-") for a in args)]) + ".json")
 
@@ -330,7 +336,7 @@ class Runner:
             cmd = [sys.executable, str(REPO_ROOT / "stages" / f"{stage}.py"), "-cd", str(scratch), "-cn",
                    "params", *args]
             begin = time.monotonic()
-            if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
+            if run_stage_command(cmd) != 0:
                 raise PipelineError(f"{cell.key} {variant}: stage {stage} {' '.join(args)} failed (its message is above)")
             seconds[label] = round(time.monotonic() - begin, 1)
             write_json(_marker(scratch, stage, args), {"cell_sha256": cell_digest, "seconds": seconds[label]})
