@@ -144,21 +144,65 @@ def quantized_layer(layer: nn.Module, adapter) -> nn.Module:
     return layer
 
 
-def bench_layer(model: nn.Module, ms: list[int], timing: Timing, model_name: str) -> list[dict]:
-    """One decoder layer (prefill of M tokens, batch 1): float32 against W4A4 kernels."""
+def random_layer_model(d: Dims, seed: int = 0) -> nn.Module:
+    """A one-layer Llama model of ``d``'s decoder sizes with random weights (labelled random in the rows'
+    model name by the caller), a 256-token vocabulary: the layer rows need its decoder layer and rotary
+    embedding, not Llama-3-8B's 128k-row embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=d.hidden, intermediate_size=d.intermediate, num_attention_heads=d.n_heads,
+                         num_key_value_heads=d.n_kv_heads, head_dim=d.head_dim, num_hidden_layers=1, vocab_size=256,
+                         max_position_embeddings=8192, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def bench_layer(model: nn.Module, ms: list[int], timing: Timing, model_name: str, rank: int,
+                shape: str = "layer 0") -> list[dict]:
+    """One decoder layer (prefill of M tokens, batch 1), timed interleaved on the same inputs: float32 (the
+    rows' baseline), bf16, W4A4 (a global rotation: no transitions), and W4A4 plus the two transitions a
+    per-layer method adds, ReSpinQuant's rank-r one fused with the residual add (``ops.transition``) and
+    exact layer-wise's dense D x D one (``addmm``). The transitions run on the layer's output, so the
+    layer's own two residual adds are counted as well: an upper bound by two plain adds."""
     adapter = adapter_for(model)
     layer = adapter.layers(model)[0]
+    half = copy.deepcopy(layer).to(torch.bfloat16)
     qlayer = quantized_layer(layer, adapter)
+    d = model.config.hidden_size
+    ops = cpu_ops()
+    gen = torch.Generator().manual_seed(d + rank)
+    q = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))[0].float().contiguous()
+    m_r = (torch.randn(rank, rank, generator=gen) * 0.05).contiguous()
+    dense = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].float().contiguous()
     rows = []
     for m in ms:
         pos = torch.arange(m)[None]
-        xs = _inputs((1, m, model.config.hidden_size), timing.buffers, seed=m)
+        xs = _inputs((1, m, d), timing.buffers, seed=m)
         rope = model.model.rotary_emb(xs[0], pos)
-        run = lambda mod: (lambda x: mod(x, position_embeddings=rope, position_ids=pos))  # noqa: E731
-        base = median_ms(run(layer), xs, timing)
-        quant = median_ms(run(qlayer), xs, timing)
-        rows.append(_row("decoder_layer_fp32", model_name, "layer 0", m, base, base))
-        rows.append(_row("decoder_layer_w4a4", model_name, "layer 0", m, quant, base))
+        rope16 = tuple(r.to(torch.bfloat16) for r in rope)
+
+        def out(mod, x, emb):
+            y = mod(x, position_embeddings=emb, position_ids=pos)
+            return (y[0] if isinstance(y, tuple) else y).reshape(m, d)
+
+        def low_rank(x):
+            h = out(qlayer, x, rope)
+            for _ in range(2):
+                h = ops.transition(h, q, m_r, x=h)
+            return h
+
+        def exact(x):
+            h = out(qlayer, x, rope)
+            for _ in range(2):
+                h = torch.addmm(h, h, dense)
+            return h
+
+        times = interleaved_ms([lambda x: out(layer, x, rope), lambda x: out(half, x.to(torch.bfloat16), rope16),
+                                lambda x: out(qlayer, x, rope), low_rank, exact], xs, timing)
+        base = times[0]
+        for op, ms_op in zip(("decoder_layer_fp32", "decoder_layer_bf16", "decoder_layer_w4a4",
+                              f"decoder_layer_w4a4_transition_r{rank}", "decoder_layer_w4a4_transition_dense"), times):
+            rows.append(_row(op, model_name, shape, m, ms_op, base))
     return rows
 
 

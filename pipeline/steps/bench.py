@@ -9,7 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 from ..infra import devices, paths
 from ..model.adapters import adapter_for
 from ..infra.artifacts import write_json
-from ..export.bench import LLAMA3_8B, Timing, bench_layer, bench_linear, bench_transition, device_name, linear_shapes
+from ..export.bench import (LLAMA3_8B, Timing, bench_layer, bench_linear, bench_transition, device_name, linear_shapes,
+                            random_layer_model)
 from ..infra.errors import PipelineError
 from ..export.kernels import cpu_int8_ready, cpu_ops
 from ..model.load import load_model
@@ -50,7 +51,10 @@ def run(cfg: DictConfig) -> None:
             for op, (k, n) in linear_shapes(d).items():
                 rows += bench_linear(op, k, n, ms, timing, name)
             rows += bench_transition(d.hidden, rank, ms, timing, name)
-        rows += bench_layer(model, layer_ms, timing, cfg.model.name)
+        rows += bench_layer(model, layer_ms, timing, cfg.model.name, rank)
+        if b.get("llama3_8b_layer"):  # opt-in: Llama-3-8B's layer (random weights) at the largest layer M, ~75-150 s
+            rows += bench_layer(random_layer_model(LLAMA3_8B), [max(layer_ms)], timing, "llama3_8b", rank,
+                                shape="layer 0, random weights")
         gemm = "int8 dot products (oneDNN, torch._int_mm)" if cpu_int8_ready() else "the C++ int4 kernel"
         note = (f"CPU path (W4A4 GEMM on {gemm}); speedup = float32 matmul (or plain add) ms / op ms; "
                 "linear rows timed interleaved")
@@ -60,7 +64,7 @@ def run(cfg: DictConfig) -> None:
                   "note": note, "rows": rows}
         write_json(paths.bench_metrics(cfg), result)
         for row in rows:
-            if row["op"] in ("linear_w4a4", "decoder_layer_w4a4") or row["op"].startswith("residual_add_transition"):
+            if row["op"] in ("linear_w4a4", "decoder_layer_w4a4") or "transition" in row["op"]:
                 key = f"{row['model']}.{row['op']}.{row['shape'].split()[0]}.M{row['M']}".replace("=", "")
                 mlflow.log_metric(f"speedup.{key}", row["speedup"])
         mlflow.log_artifact(str(paths.bench_metrics(cfg)))
