@@ -9,13 +9,10 @@ of each and their ratio from this one run. ``linear4bit.DECODE_ROWS`` is set fro
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from torch import nn
 
-from ..export.bench import LLAMA3_8B, device_name, linear_shapes
+from ..export.bench import LLAMA3_8B, Timing, _grid_weight, _inputs, device_name, interleaved_ms, linear_shapes
 from ..export.kernels import cpu_int8_ready
 from ..export.linear4bit import Linear4bit
 from ..infra.errors import PipelineError, cli_errors_as_one_line
@@ -25,31 +22,21 @@ def crossover(ms: list[int], seconds: float, shapes: tuple[str, ...] = ("qkv", "
     """One row per (shape, M): ``int4_ms``, ``int8_ms`` (medians, interleaved) and ``ratio`` = int8 / int4."""
     if not cpu_int8_ready():
         raise PipelineError("torch._int_mm does not run on this CPU: there is only the int4 kernel to time")
-    gen = torch.Generator().manual_seed(0)
     rows = []
+    timing = Timing(warmup=1, min_runs=3, max_seconds=seconds / 2, buffers=1)  # interleaved_ms: seconds in all
     for name in shapes:
         k, n = linear_shapes(LLAMA3_8B)[name]
-        scale = torch.rand(n, generator=gen) * 0.01 + 0.001
-        linear = nn.Linear(k, n, bias=False)
-        with torch.no_grad():
-            linear.weight.copy_(torch.randint(-8, 8, (n, k), generator=gen).float() * scale[:, None])
+        linear, scale = _grid_weight(n, k, seed=k + n)
         mods = {}
         for gemm in ("int4", "int8"):
             mods[gemm] = Linear4bit.from_float(linear, scale)
             mods[gemm].cpu_gemm = gemm
         for m in ms:
-            x = torch.randn(m, k, generator=gen)
-            times: dict[str, list[float]] = {g: [] for g in mods}
+            xs = _inputs((m, k), 1, seed=m)
             with torch.no_grad():
-                if not torch.equal(mods["int4"](x), mods["int8"](x)):
+                if not torch.equal(mods["int4"](xs[0]), mods["int8"](xs[0])):
                     raise PipelineError(f"{name} M={m}: the two paths disagree")
-                end = time.perf_counter() + seconds
-                while time.perf_counter() < end or len(times["int4"]) < 3:
-                    for g, mod in mods.items():
-                        t0 = time.perf_counter()
-                        mod(x)
-                        times[g].append(time.perf_counter() - t0)
-            int4, int8 = (statistics.median(times[g]) * 1e3 for g in ("int4", "int8"))
+            int4, int8 = interleaved_ms([mods["int4"], mods["int8"]], xs, timing)
             rows.append({"shape": f"{name} {k}x{n}", "M": m, "int4_ms": round(int4, 4), "int8_ms": round(int8, 4),
                          "ratio": round(int8 / int4, 3)})
     return rows
