@@ -6,7 +6,8 @@ from helpers import one_line_error, run_stage
 
 
 TINY = ("+model=tiny_llama", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
-        "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8")
+        "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8", "bench.generate_batch=[1,2]",
+        "bench.generate_prompt=12", "bench.generate_new_tokens=3")
 
 
 def test_bench_stage_writes_every_row(tmp_path):
@@ -18,7 +19,8 @@ def test_bench_stage_writes_every_row(tmp_path):
     ops = {r["op"] for r in rows}
     assert ops == {"linear_fp32", "linear_bf16", "linear_w4a4", "residual_add", "residual_add_transition_r8",
                    "decoder_layer_fp32", "decoder_layer_bf16", "decoder_layer_w4a4", "decoder_layer_w4a4_transition_r8",
-                   "decoder_layer_w4a4_transition_dense"}
+                   "decoder_layer_w4a4_transition_dense", "generate_prefill_bf16", "generate_prefill_w4a4",
+                   "generate_decode_bf16", "generate_decode_w4a4"}
     shapes = {r["shape"] for r in rows if r["op"] == "linear_w4a4"}
     assert shapes == {"qkv 192x320", "o 192x192", "gate_up 192x640", "down 320x192"}
     assert {r["M"] for r in rows if r["op"] == "linear_w4a4"} == {1, 3}
@@ -26,13 +28,22 @@ def test_bench_stage_writes_every_row(tmp_path):
     assert keys("linear_bf16") == keys("linear_w4a4") == keys("linear_fp32")  # one bf16 row per W4A4 row
     for r in rows:
         assert set(r) == {"device", "op", "model", "shape", "M", "ms", "speedup"} and r["ms"] > 0 and r["speedup"] > 0
-        if r["op"] in ("linear_fp32", "residual_add", "decoder_layer_fp32"):
+        if r["op"] in ("linear_fp32", "residual_add", "decoder_layer_fp32") or r["op"].endswith("_bf16") and "generate" in r["op"]:
             assert r["speedup"] == 1.0
+    gen = {(r["op"], r["shape"]): r["M"] for r in rows if r["op"].startswith("generate")}
+    assert gen[("generate_prefill_w4a4", "batch=2 prompt=12")] == 24 and gen[("generate_decode_w4a4", "batch=2 context=12+3")] == 2
+    assert len(gen) == 8
 
 
 def test_bench_bad_settings_are_one_line(tmp_path):
     one_line_error(run_stage(tmp_path, "bench.py", *TINY, "bench.m=[0,4]"), "bench.m=[0, 4]: give a non-empty list of positive integers")
     one_line_error(run_stage(tmp_path, "bench.py", *TINY, "bench.transition_rank=999"), "bench.transition_rank=999: must be in 1..192")
+    one_line_error(run_stage(tmp_path, "bench.py", *TINY, "bench.generate_batch=[0]"),
+                   "bench.generate_batch=[0]: give a non-empty list of positive integers")
+    one_line_error(run_stage(tmp_path, "bench.py", *TINY, "bench.generate_new_tokens=1"),
+                   "bench.generate_prompt=12 / bench.generate_new_tokens=1: need >= 1 / >= 2")
+    one_line_error(run_stage(tmp_path, "bench.py", *TINY, "bench.generate_prompt=600"),
+                   "prompt 600 + 3 new tokens exceed the model's 512 positions")
     assert not (tmp_path / "m" / "bench.json").exists()
 
 

@@ -24,7 +24,8 @@ TINY = ["model=tiny_llama", "train.windows=4", "train.seqlen=64", "train.steps=2
         "eval.limit=2", "eval.tasks=[arc_easy,piqa,hellaswag]", "rank_sweep.ranks=[0,full]",
         "rank_sweep.max_windows=1", "+rank_sweep.variants.respinquant=layerwise",
         "+rank_sweep.variants.respinquant_chained=layerwise", "bench.m=[1,3]", "bench.layer_m=[8]", "bench.llama3_8b=false",
-        "bench.min_runs=1", "bench.max_seconds=0", "bench.transition_rank=8", "report.seeds=[0,1]",
+        "bench.min_runs=1", "bench.max_seconds=0", "bench.generate_batch=[1]", "bench.generate_prompt=8",
+        "bench.generate_new_tokens=2", "bench.transition_rank=8", "report.seeds=[0,1]",
         # six of the seven default variants: every stage and every kind of variant (no rotation, Hadamard, trained
         # global, per-layer, both low-rank ones) once; fp16 only repeats rtn's stages
         "~variants.fp16", "global_variants=[rtn,quarot,spinquant]"]

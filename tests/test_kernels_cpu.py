@@ -288,3 +288,23 @@ def test_decode_crossover_times_both_paths_and_refuses_bad_input(capsys):
     rows = decode_crossover.crossover([1, 17], 0.01, shapes=("o",))
     assert [(r["shape"], r["M"]) for r in rows] == [("o 4096x4096", 1), ("o 4096x4096", 17)]
     assert all(r["int4_ms"] > 0 and r["int8_ms"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_stale_build_lock_is_cleared_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A ``lock`` a killed build left (older than the limit) is removed, so ``load`` does not wait for
+    ever; a fresh one (a build under way in another process) is kept."""
+    import os
+    import time
+
+    from pipeline.export.kernels import clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "rsq_lock_test"
+    folder.mkdir()
+    lock = folder / "lock"
+    assert not clear_stale_build_lock("rsq_lock_test")  # none there
+    lock.write_text("")
+    assert not clear_stale_build_lock("rsq_lock_test", max_age=60) and lock.exists()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock("rsq_lock_test", max_age=60) and not lock.exists()

@@ -84,3 +84,30 @@ def test_kernel_backend_refusals(tmp_path):
         Linear4bit.from_float(linear, scale * 0.37)
     with pytest.raises(PipelineError, match="K=48 must be a positive multiple of 32"):
         Linear4bit.from_float(nn.Linear(48, 8), torch.ones(8))
+
+
+def test_eval_stage_kernel_backend_equals_fake(tmp_path):
+    """eval.backend=kernel: the eval stage's perplexity equals the fake-quant path's to float rounding,
+    and says which backend ran; the kernel backend refuses a setting it cannot run, in one line."""
+    import json
+
+    from helpers import one_line_error, run_stage
+
+    common = ["+model=tiny_llama", "method=quarot", "quant=w4a4kv4", "calib.n_windows=2", "calib.seqlen=32",
+              "calib.stats_windows=1", "eval.tasks=[]", "eval.seqlen=64", "eval.max_windows=3"]
+    for script in ("calibrate.py", "train_rotation.py", "fuse.py"):
+        proc = run_stage(tmp_path, script, *common)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    ppl = {}
+    for backend in ("fake", "kernel"):
+        proc = run_stage(tmp_path, "eval.py", *common, f"eval.backend={backend}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (path,) = (tmp_path / "m" / "eval").glob("quarot_w4a4kv4-*.json")
+        result = json.loads(path.read_text())
+        assert result["backend"] == backend
+        ppl[backend] = result["wikitext2_ppl"]
+    assert abs(ppl["kernel"] / ppl["fake"] - 1) < 1e-4, ppl
+    one_line_error(run_stage(tmp_path, "eval.py", *common, "eval.backend=gpu"),
+                   "eval.backend='gpu': choose one of fake, kernel")
+    one_line_error(run_stage(tmp_path, "eval.py", *common, "eval.backend=kernel", "eval.stream=true"),
+                   "eval.backend=kernel needs the whole model in memory")

@@ -137,7 +137,7 @@ def quantized_layer(layer: nn.Module, adapter) -> nn.Module:
     layer = copy.deepcopy(layer)
     for name in adapter.layer_linear_names():
         linear = get_linear(layer, name)
-        codes, scale = rtn(linear.weight.detach(), 4, mse_clip=False)
+        codes, scale = rtn(linear.weight.detach().float(), 4, mse_clip=False)
         with torch.no_grad():
             linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
         set_module(layer, name, Linear4bit.from_float(linear, scale, rotate_input=name == adapter.MLP_WRITER))
@@ -162,18 +162,20 @@ def bench_layer(model: nn.Module, ms: list[int], timing: Timing, model_name: str
     """One decoder layer (prefill of M tokens, batch 1), timed interleaved on the same inputs: float32 (the
     rows' baseline), bf16, W4A4 (a global rotation: no transitions), and W4A4 plus the two transitions a
     per-layer method adds, ReSpinQuant's rank-r one fused with the residual add (``ops.transition``) and
-    exact layer-wise's dense D x D one (``addmm``). The transitions run on the layer's output, so the
-    layer's own two residual adds are counted as well: an upper bound by two plain adds."""
+    exact layer-wise's dense D x D one (``addmm``). The W4A4 layers run as the kernel-backed checkpoint
+    does: their linears on the integer kernels, the rest (norms, RoPE, attention, residuals,
+    transitions) in bf16. The transitions run on the layer's output, so the layer's own two residual
+    adds are counted as well: an upper bound by two plain adds."""
     adapter = adapter_for(model)
     layer = adapter.layers(model)[0]
     half = copy.deepcopy(layer).to(torch.bfloat16)
-    qlayer = quantized_layer(layer, adapter)
+    qlayer = quantized_layer(half, adapter)
     d = model.config.hidden_size
     ops = cpu_ops()
     gen = torch.Generator().manual_seed(d + rank)
     q = torch.linalg.qr(torch.randn(d, rank, generator=gen, dtype=torch.float64))[0].float().contiguous()
     m_r = (torch.randn(rank, rank, generator=gen) * 0.05).contiguous()
-    dense = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].float().contiguous()
+    dense = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].to(torch.bfloat16).contiguous()
     rows = []
     for m in ms:
         pos = torch.arange(m)[None]
@@ -186,19 +188,19 @@ def bench_layer(model: nn.Module, ms: list[int], timing: Timing, model_name: str
             return (y[0] if isinstance(y, tuple) else y).reshape(m, d)
 
         def low_rank(x):
-            h = out(qlayer, x, rope)
+            h = out(qlayer, x.to(torch.bfloat16), rope16)
             for _ in range(2):
                 h = ops.transition(h, q, m_r, x=h)
             return h
 
         def exact(x):
-            h = out(qlayer, x, rope)
+            h = out(qlayer, x.to(torch.bfloat16), rope16)
             for _ in range(2):
                 h = torch.addmm(h, h, dense)
             return h
 
         times = interleaved_ms([lambda x: out(layer, x, rope), lambda x: out(half, x.to(torch.bfloat16), rope16),
-                                lambda x: out(qlayer, x, rope), low_rank, exact], xs, timing)
+                                lambda x: out(qlayer, x.to(torch.bfloat16), rope16), low_rank, exact], xs, timing)
         base = times[0]
         for op, ms_op in zip(("decoder_layer_fp32", "decoder_layer_bf16", "decoder_layer_w4a4",
                               f"decoder_layer_w4a4_transition_r{rank}", "decoder_layer_w4a4_transition_dense"), times):

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +75,27 @@ def staged_sources(name: str, sources: list[Path], flags: list[str]) -> tuple[st
     return f"{name}_{key}", [str(folder / p.name) for p in sources]
 
 
+STALE_LOCK_SECONDS = 900  # a build takes 1-3 min; a lock file this old was left by a killed build
+
+
+def clear_stale_build_lock(name: str, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove the ``lock`` file a killed build left in extension ``name``'s build folder, if it is older
+    than ``max_age`` seconds: torch's ``load`` waits for it for ever (it holds no pid to check). A
+    younger lock is a build under way (another process) and is waited for. Returns whether one went."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age < max_age:
+        return False
+    print(f"kernels: removing {lock}, left {age / 60:.0f} min ago by a build that did not finish")
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_ops():
     """The compiled CPU extension (``torch.utils.cpp_extension.load``; cached under
@@ -82,6 +104,7 @@ def cpu_ops():
 
     try:
         name, sources = staged_sources("rsq_w4a4_cpu", CPU_SOURCES, CPU_CFLAGS)
+        clear_stale_build_lock(name)
         return load(name=name, sources=sources, extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS, verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
     except (RuntimeError, OSError) as exc:
         raise PipelineError(f"building the CPU kernels failed (a C++ compiler is needed): {str(exc).splitlines()[0]}") from None

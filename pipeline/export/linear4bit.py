@@ -15,7 +15,7 @@ from torch import nn
 from ..infra.errors import PipelineError
 from ..rotation.hadamard import has_hadamard
 from .kernels import check_k, cpu_int8_ready, cpu_ops, gemm_w4a4_int8, hadamard_base, ops_for
-from ..surgery.online import QuantLinear
+from ..surgery.online import OnlineAttention, QuantLinear
 
 
 # At most this many tokens per call (decode), the C++ int4 kernel reads the packed weights directly (int8
@@ -123,9 +123,17 @@ class Linear4bit(nn.Module):
 
 
 def use_kernels(model: nn.Module) -> int:
-    """Replace every 4-bit ``QuantLinear`` of ``model`` by a ``Linear4bit`` in place; returns how many."""
+    """Replace every 4-bit ``QuantLinear`` of ``model`` by a ``Linear4bit``, and every ``OnlineAttention``
+    (R3, KV quant) by a ``KernelOnlineAttention`` (same bits, C++ ops), in place; returns how many linears."""
+    from .online_kernels import KernelOnlineAttention
+
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     for name, module in targets:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, Linear4bit.from_quant_linear(module))
+    online = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, OnlineAttention) and not isinstance(m, KernelOnlineAttention)]
+    for name, module in online:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, KernelOnlineAttention.from_online(module))
     return len(targets)

@@ -47,11 +47,12 @@ class QuantLinear(nn.Module):
 
 
 class OnlineAttention(nn.Module):
-    """R3 and KV fake quant on ``(batch, heads, seq, head_dim)`` Q/K/V after RoPE.
+    """R3 and KV-cache fake quant on ``(batch, heads, seq, head_dim)`` Q/K/V after RoPE.
 
     HF updates its cache before calling the attention function, so the cache holds full-precision,
     unrotated K/V and these ops re-apply to the whole cached K/V at each step: identical numbers to a
-    quantized cache (rotation and per-token quant are deterministic), not its memory saving.
+    quantized cache (rotation and per-token quant are deterministic), not its memory saving. The kernel
+    backend's ``KernelOnlineAttention`` transforms only a decode step's new tokens.
     """
 
     def __init__(self, r3: bool, kv_bits: int, kv_clip_ratio: float = 1.0) -> None:
@@ -60,15 +61,26 @@ class OnlineAttention(nn.Module):
         self.kv_bits = kv_bits
         self.kv_clip_ratio = kv_clip_ratio
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """R3: ``x @ H / sqrt(hd)`` along the last dim (``KernelOnlineAttention`` runs it in C++, same bits)."""
+        return online_hadamard(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """KV fake quant, one asymmetric grid per (token, head) row (``KernelOnlineAttention``: C++, same bits)."""
+        return quantize_asym(x, self.kv_bits, self.kv_clip_ratio)
+
+    def transform_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """R3 on K, then per (token, head) asymmetric fake quant of K and V: ``(B, H, T, hd)`` each."""
+        if self.r3:
+            k = self.rotate(k)
+        return self.quantize(k), self.quantize(v)
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.r3:  # q @ H and k @ H leave q @ k.T unchanged (H orthogonal)
-            q, k = online_hadamard(q), online_hadamard(k)
-        # asymmetric, one grid per token and head (group = head_dim)
-        k = quantize_asym(k, self.kv_bits, self.kv_clip_ratio)
-        v = quantize_asym(v, self.kv_bits, self.kv_clip_ratio)
-        return q, k, v
+            q = self.rotate(q)
+        return (q, *self.transform_kv(k, v))
 
     def extra_repr(self) -> str:
         return f"r3={self.r3}, kv_bits={self.kv_bits}, kv_clip_ratio={self.kv_clip_ratio}"
