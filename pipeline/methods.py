@@ -338,7 +338,7 @@ def quantize_layer_rtn(layer: nn.Module, adapter: DecoderAdapter, quant: QuantSp
     """RTN (per-output-channel or per-group symmetric, MSE clip) on one decoder layer's linears."""
     if quant.w_bits >= OFF_BITS:
         return
-    for name in adapter.layer_linear_names():
+    for name in adapter.layer_linear_names(layer):
         linear = get_linear(layer, name)
         w = linear.weight.to(torch.float32) if linear.weight.dtype != torch.float64 else linear.weight
         codes, scale = rtn(w, quant.w_bits, quant.w_mse_clip, quant.w_group_size)
@@ -354,9 +354,10 @@ def quantize_linear_weights(model: nn.Module, adapter: DecoderAdapter, quant: Qu
 
 def attach_layer_online_ops(layer: nn.Module, adapter: DecoderAdapter, method: MethodSpec, quant: QuantSpec) -> None:
     """Wrap a decoder layer's linears in ``QuantLinear`` and give its attention the R3/KV ops."""
-    for name in adapter.layer_linear_names():
+    writers = adapter.mlp_writers(layer)
+    for name in adapter.layer_linear_names(layer):
         act = ActQuantizer(quant.a_bits, quant.a_clip_ratio) if quant.a_bits < OFF_BITS else None
-        online = method.online_r4 and name == adapter.MLP_WRITER
+        online = method.online_r4 and name in writers
         set_module(layer, name, QuantLinear(get_linear(layer, name), act, online))
     adapter.attention(layer).rsq_online = OnlineAttention(method.online_r3, quant.kv_bits, quant.kv_clip_ratio)
 

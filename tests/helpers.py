@@ -60,7 +60,8 @@ def one_line_error(proc: subprocess.CompletedProcess, expected: str) -> None:
 
 
 # --- float64 tiny models and their logits ---
-MODELS = ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_no_hadamard", "tiny_qwen3", "tiny_llama32", "tiny_phi3"]
+MODELS = ["tiny_llama", "tiny_qwen2", "tiny_mistral", "tiny_no_hadamard", "tiny_qwen3", "tiny_llama32", "tiny_phi3",
+          "tiny_qwen3_moe", "tiny_olmoe", "tiny_mixtral"]
 
 
 def f64_model(name: str):

@@ -66,7 +66,8 @@ def test_unsupported_model_class_is_one_line():
 
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2))
     with pytest.raises(PipelineError, match="unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, "
-                                            "MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                                            "MistralForCausalLM, MixtralForCausalLM, OlmoeForCausalLM, Phi3ForCausalLM, "
+                                            "Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM"):
         adapter_for(model)
 
 

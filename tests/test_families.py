@@ -17,7 +17,7 @@ from pipeline.infra import paths
 from pipeline.model.load import load_model
 from pipeline.quant.quantizers import QuantSpec
 
-FAMILIES = ["tiny_qwen3", "tiny_llama32", "tiny_phi3"]
+FAMILIES = ["tiny_qwen3", "tiny_llama32", "tiny_phi3", "tiny_qwen3_moe", "tiny_olmoe", "tiny_mixtral"]
 
 
 def test_random_init_biases_and_qk_norms_are_not_trivial():
@@ -46,7 +46,7 @@ def test_quantized_forward_gptq_and_round_trip(tmp_path, name, method, rank, wei
         assert torch.equal(load_quantized(tmp_path / "ckpt")(tokens).logits, logits)
 
 
-@pytest.mark.parametrize("model,method", [("tiny_qwen3", "quarot"), ("tiny_phi3", "spinquant")])
+@pytest.mark.parametrize("model,method", [("tiny_qwen3", "quarot"), ("tiny_phi3", "spinquant"), ("tiny_qwen3_moe", "spinquant")])
 def test_stages_run_with_the_family_configs(tmp_path, model, method):
     """python stages/fuse.py +model=<family> (after calibrate and rotate_global), as a user runs it;
     Phi-3 with SpinQuant training, whose R2 gradient flows through the v-row slice of qkv_proj."""

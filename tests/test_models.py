@@ -26,7 +26,7 @@ def test_adapters_find_every_linear(name, arch, bias):
     adapter = adapter_for(model)
     assert type(model).__name__ == arch == adapter.architecture
     layer = adapter.layers(model)[0]
-    assert all(isinstance(get_linear(layer, n), torch.nn.Linear) for n in adapter.layer_linear_names())
+    assert all(isinstance(get_linear(layer, n), torch.nn.Linear) for n in adapter.layer_linear_names(layer))
     assert (get_linear(layer, adapter.ATTN_READERS[0]).bias is not None) == bias
     dims = adapter.dims(model)
     assert dims.n_heads % dims.n_kv_heads == 0 and dims.n_heads > dims.n_kv_heads  # GQA

@@ -59,7 +59,7 @@ class ActivationStats:
     def watch(self, layer: nn.Module, i: int, adapter) -> list:
         """Hook decoder layer ``i``'s linear inputs; returns the hook handles (remove them when done)."""
         handles = []
-        for name in adapter.layer_linear_names():
+        for name in adapter.layer_linear_names(layer):
             acc = self.accs.setdefault((i, name), _Accumulator())
 
             def hook(mod, args, acc=acc):

@@ -135,12 +135,13 @@ def quantized_layer(layer: nn.Module, adapter) -> nn.Module:
     """A copy of a decoder layer with every linear replaced by a ``Linear4bit`` (per-channel absmax RTN
     weights; down_proj's input Hadamard-rotated online, as R4 does)."""
     layer = copy.deepcopy(layer)
-    for name in adapter.layer_linear_names():
+    writers = adapter.mlp_writers(layer)
+    for name in adapter.layer_linear_names(layer):
         linear = get_linear(layer, name)
         codes, scale = rtn(linear.weight.detach().float(), 4, mse_clip=False)
         with torch.no_grad():
             linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
-        set_module(layer, name, Linear4bit.from_float(linear, scale, rotate_input=name == adapter.MLP_WRITER))
+        set_module(layer, name, Linear4bit.from_float(linear, scale, rotate_input=name in writers))
     return layer
 
 

@@ -74,7 +74,7 @@ class DecoderAdapter:
     def layer_norm_sites(self, layer: nn.Module) -> list[tuple[nn.Module, str, list[nn.Linear]]]:
         """A decoder layer's two RMSNorms as ``(layer, attribute name, linears that read its output)``."""
         return [(layer, self.ATTN_NORM, [get_linear(layer, n) for n in self.ATTN_READERS]),
-                (layer, self.MLP_NORM, [get_linear(layer, n) for n in self.MLP_READERS])]
+                (layer, self.MLP_NORM, [get_linear(layer, n) for n in self.mlp_readers(layer)])]
 
     def final_norm_site(self, model: nn.Module) -> tuple[nn.Module, str, list[nn.Linear]]:
         """The final RMSNorm and lm_head, which reads it."""
@@ -99,9 +99,25 @@ class DecoderAdapter:
         projection); None: all of them."""
         return None
 
-    def layer_linear_names(self) -> tuple[str, ...]:
-        """Every quantized linear of a layer, relative to the layer, in forward order."""
-        return (*self.ATTN_READERS, self.ATTN_WRITER, *self.MLP_READERS, self.MLP_WRITER)
+    def mlp_readers(self, layer: nn.Module) -> tuple[str, ...]:
+        """The linears that read the MLP norm's output (relative to the layer): a MoE layer's router and
+        every expert's gate/up (the router is rotated and norm-folded like them, never quantized)."""
+        return self.MLP_READERS
+
+    def mlp_writers(self, layer: nn.Module) -> tuple[str, ...]:
+        """The linears that write the MLP's output into the stream (every expert's down_proj in a MoE layer)."""
+        return (self.MLP_WRITER,)
+
+    def routers(self, layer: nn.Module) -> tuple[str, ...]:
+        """The MoE routers among ``mlp_readers``: they stay 16-bit (a flipped expert choice costs more
+        than their few weights save) and have no online ops."""
+        return ()
+
+    def layer_linear_names(self, layer: nn.Module) -> tuple[str, ...]:
+        """Every quantized linear of ``layer``, relative to it, in forward order."""
+        routers = self.routers(layer)
+        return (*self.ATTN_READERS, self.ATTN_WRITER, *(n for n in self.mlp_readers(layer) if n not in routers),
+                *self.mlp_writers(layer))
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -147,13 +163,79 @@ class Phi3Adapter(DecoderAdapter):
         return q + kv, q + 2 * kv
 
 
+class MoEAdapter(DecoderAdapter):
+    """A family whose decoder layers may hold a sparse MoE block ``mlp`` (router ``mlp.gate``, a plain
+    ``(E, D)`` weight; experts ``mlp.experts``) in place of the dense MLP. The pipeline works on its
+    experts split into one linear each (``moe.split_experts``, done by ``load_model`` and the checkpoint
+    loader): expert e is ``mlp.experts.<e>.{gate,up,down}_proj``. The router reads the MLP norm's output,
+    so R1 and the norm fold act on it as on the experts' gate/up; R4 acts on every expert's down_proj."""
+
+    ROUTER = "mlp.gate"
+    EXPERTS = "mlp.experts"
+
+    def _n_experts(self, layer: nn.Module) -> int:
+        """The layer's number of experts; 0 for a dense layer."""
+        from .moe import ExpertLinears, is_fused_experts
+
+        experts = getattr(layer.get_submodule(self.MLP), "experts", None)
+        if experts is None:
+            return 0
+        if is_fused_experts(experts):
+            raise PipelineError(f"{type(experts).__name__}: fused experts; the pipeline needs them split into one "
+                                "linear each (pipeline.model.moe.split_experts, which load_model runs)")
+        return len(experts) if isinstance(experts, ExpertLinears) else 0
+
+    def mlp_readers(self, layer: nn.Module) -> tuple[str, ...]:
+        n = self._n_experts(layer)
+        if not n:
+            return self.MLP_READERS
+        return (self.ROUTER, *(f"{self.EXPERTS}.{e}.{p}" for e in range(n) for p in ("gate_proj", "up_proj")))
+
+    def mlp_writers(self, layer: nn.Module) -> tuple[str, ...]:
+        n = self._n_experts(layer)
+        return tuple(f"{self.EXPERTS}.{e}.down_proj" for e in range(n)) if n else (self.MLP_WRITER,)
+
+    def routers(self, layer: nn.Module) -> tuple[str, ...]:
+        return (self.ROUTER,) if self._n_experts(layer) else ()
+
+    def dims(self, model: nn.Module) -> Dims:
+        d = super().dims(model)
+        expert = getattr(model.config, "moe_intermediate_size", None)  # Qwen3-MoE: experts' size (dense layers: intermediate_size)
+        return Dims(**{**d.__dict__, "intermediate": expert or d.intermediate})
+
+
+class Qwen3MoeAdapter(MoEAdapter):
+    """Qwen3-MoE (``Qwen3MoeForCausalLM``): Qwen3's attention (q/k norms over head_dim, see Qwen3Adapter);
+    sparse blocks every ``decoder_sparse_step`` layers except ``mlp_only_layers`` (those keep a dense MLP);
+    top-k of the router's softmax, renormalised when ``norm_topk_prob``."""
+
+    architecture = "Qwen3MoeForCausalLM"
+
+
+class OlmoeAdapter(MoEAdapter):
+    """OLMoE (``OlmoeForCausalLM``): q/k norms over the whole q and k projections (before the head split),
+    not residual norms, so R1 (on their input), R2 (v/o) and R3 (after RoPE) commute with them. A set
+    ``clip_qkv`` (clamping q, k, v elementwise) does not commute with R2 and is refused."""
+
+    architecture = "OlmoeForCausalLM"
+
+
+class MixtralAdapter(MoEAdapter):
+    """Mixtral (``MixtralForCausalLM``): Mistral's attention, a sparse block in every layer, top-k of the
+    router's softmax renormalised."""
+
+    architecture = "MixtralForCausalLM"
+
+
 ADAPTERS: dict[str, DecoderAdapter] = {
-    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), Qwen3Adapter(), Phi3Adapter())
+    a.architecture: a for a in (LlamaAdapter(), Qwen2Adapter(), MistralAdapter(), Qwen3Adapter(), Phi3Adapter(),
+                                Qwen3MoeAdapter(), OlmoeAdapter(), MixtralAdapter())
 }
 
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+               "olmoe": "OlmoeForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 _BLOCK_OUTPUT_NORM = ("normalises each block's output before the residual add (post-attention and "
                       "post-feedforward norms): the residual stream's rotation would have to pass through a "
@@ -173,6 +255,9 @@ def check_config(hf_config) -> None:
     family has no adapter: one line, not the family's own failure deep inside transformers. A family
     whose layout cannot hold a fused rotation (``REFUSED``) is told why."""
     model_type = getattr(hf_config, "model_type", None)
+    if model_type == "olmoe" and getattr(hf_config, "clip_qkv", None) is not None:
+        raise PipelineError(f"model_type='olmoe' with clip_qkv={hf_config.clip_qkv} cannot be rotated: clamping v "
+                            "elementwise does not commute with the head rotation R2")
     if model_type in REFUSED:
         raise PipelineError(f"model family model_type={model_type!r} cannot be rotated: it {REFUSED[model_type]}")
     if MODEL_TYPES.get(model_type) not in ADAPTERS:

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..infra import devices
 from .adapters import adapter_for, check_config
+from .moe import split_experts
 from ..infra.artifacts import file_sha256, publish
 from ..infra.errors import PipelineError
 
@@ -50,6 +51,7 @@ def load_model(model_cfg: DictConfig | dict, device: torch.device | None = None)
         model, tok = build_random_model(model_cfg, dtype)
     else:
         model, tok = _load_pretrained(str(where), dtype)
+    split_experts(model)  # MoE: one linear per expert (pipeline.model.moe); nothing for a dense model
     _warn_on_stale_sizes(model_cfg, model)
     tag_weights(model, weights_id(model_cfg))
     if device is not None:
@@ -225,6 +227,8 @@ def build_random_model(
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.05)
+            elif name.endswith(".mlp.gate.weight") and p.dim() == 2:  # a MoE router: HF starts it at zero
+                p.normal_(0.0, 0.5)
     return model, byte_tokenizer()
 
 

@@ -24,6 +24,7 @@ from ..infra.artifacts import SafetensorsFile, save_tensors
 from ..infra.errors import PipelineError
 from .adapters import check_config, adapter_for
 from .load import build_random_model, hf_folder, model_source, read_hf_config, tag_weights, weights_id
+from .moe import read_expert_weight, split_experts
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -116,6 +117,7 @@ def empty_model(hf_config, dtype: torch.dtype) -> nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    split_experts(model)  # MoE: the per-expert linears the pipeline's weights are named for
     return model.eval()
 
 
@@ -124,16 +126,17 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, dtype: tor
                 device: torch.device, aliases: Mapping[str, str] | None = None) -> None:
     """Give every parameter and persistent buffer of ``module`` its tensor ``prefix + name`` from
     ``source``, cast to ``dtype`` (floating tensors) on ``device``. ``aliases`` maps a missing name to
-    the one to read instead (a tied lm_head reads the embedding). Refuses a missing or misshaped tensor."""
+    the one to read instead (a tied lm_head reads the embedding); a MoE expert or router stored under
+    another layout is read through ``moe.read_expert_weight``. Refuses a missing or misshaped tensor."""
     available = source.keys()
     state = {}
     for name, t in module.state_dict(keep_vars=True).items():
         key = prefix + name
         if key not in available and aliases and key in aliases:
             key = aliases[key]
-        if key not in available:
+        value = source.get(key) if key in available else read_expert_weight(key, available, source.get)
+        if value is None:
             raise PipelineError(f"the model's weights lack {prefix + name}")
-        value = source.get(key)
         if tuple(value.shape) != tuple(t.shape):
             raise PipelineError(f"{key} has shape {tuple(value.shape)}, the model config needs {tuple(t.shape)}")
         state[name] = value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
@@ -219,6 +222,7 @@ def open_model(model_cfg, dtype: torch.dtype) -> tuple[nn.Module, Any, WeightSou
     weights = weights_id(model_cfg)
     if kind == "random_init":
         model, tok = build_random_model(model_cfg, dtype)
+        split_experts(model)  # the names the skeleton's per-expert linears look up
         return tag_weights(empty_model(model.config, dtype), weights), tok, StateDictSource(model.state_dict())
     folder = hf_folder(where) if kind == "path" else where
     try:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..model.adapters import DecoderAdapter, get_linear
 from ..model.streaming import layer_inputs, run_layer
 from .quantizers import QuantSpec
-from .codes import dequantize, expand, quantize_codes, weight_scale
+from .codes import dequantize, expand, quantize_codes, rtn, weight_scale
 
 
 @torch.no_grad()
@@ -79,14 +79,21 @@ def gptq_layer(layer: nn.Module, adapter: DecoderAdapter, inputs: list[torch.Ten
                quant: QuantSpec) -> None:
     """GPTQ one prepared decoder layer in place, group by group (q/k/v, o, gate/up, down), each
     group's Hessians taken with the groups before it already quantized."""
-    groups = [adapter.ATTN_READERS, (adapter.ATTN_WRITER,), adapter.MLP_READERS, (adapter.MLP_WRITER,)]
+    routers = adapter.routers(layer)
+    readers = tuple(n for n in adapter.mlp_readers(layer) if n not in routers)  # routers stay 16-bit
+    groups = [adapter.ATTN_READERS, (adapter.ATTN_WRITER,), readers, adapter.mlp_writers(layer)]
     for group in groups:
         hessians = collect_hessians(layer, group, inputs, kwargs)
         for name in group:
             qlin = layer.get_submodule(name)
             linear = get_linear(layer, name)
-            codes, scale = gptq(linear.weight, hessians.pop(name).take(), quant.w_bits, quant.w_mse_clip,
-                                quant.w_group_size, quant.gptq_damp, quant.gptq_block, quant.gptq_act_order)
+            H = hessians.pop(name).take()
+            if H is None:  # an expert no calibration token was routed to: RTN (the same grid, no Hessian)
+                codes, scale = rtn(linear.weight.detach().to(torch.float32), quant.w_bits, quant.w_mse_clip,
+                                   quant.w_group_size)
+            else:
+                codes, scale = gptq(linear.weight, H, quant.w_bits, quant.w_mse_clip, quant.w_group_size,
+                                    quant.gptq_damp, quant.gptq_block, quant.gptq_act_order)
             linear.weight.copy_(dequantize(codes, scale, linear.weight.dtype))
             qlin.weight_scale = scale.to(linear.weight.dtype)
 
@@ -159,7 +166,10 @@ class _Hessian:
             self.sum += xtx  # in place: for down_proj each (in, in) copy is 0.8 GB
         self.n += x.shape[0]
 
-    def take(self) -> torch.Tensor:
-        """The Hessian ``2/n Σ x xᵀ``, scaled in place (the accumulator is used up)."""
+    def take(self) -> torch.Tensor | None:
+        """The Hessian ``2/n Σ x xᵀ``, scaled in place (the accumulator is used up); None when the linear
+        saw no input (a MoE expert no token was routed to)."""
+        if self.sum is None or self.n == 0:
+            return None
         H, self.sum = self.sum.mul_(2.0 / self.n), None
         return H

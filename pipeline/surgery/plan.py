@@ -67,11 +67,11 @@ def layer_steps(layer: nn.Module, i: int, adapter: DecoderAdapter) -> list[Step]
             steps.append((get_linear(layer, name), "bias", [(v_bias, r2)]))
     o = get_linear(layer, adapter.ATTN_WRITER)
     steps.append((o, "weight", [(head_cols, r2), (writer, b)]))
-    for name in adapter.MLP_READERS:
+    for name in adapter.mlp_readers(layer):  # a MoE router too
         steps.append((get_linear(layer, name), "weight", [(reader, b)]))
-    down = get_linear(layer, adapter.MLP_WRITER)
-    steps.append((down, "weight", [(writer, a_out)]))
-    for linear, key in ((o, b), (down, a_out)):
+    downs = [get_linear(layer, name) for name in adapter.mlp_writers(layer)]  # every expert's in a MoE layer
+    steps += [(down, "weight", [(writer, a_out)]) for down in downs]
+    for linear, key in ((o, b), *((down, a_out) for down in downs)):
         if linear.bias is not None:
             steps.append((linear, "bias", [(bias_writer, key)]))
     return steps

@@ -148,7 +148,8 @@ def fuse_r4(layer: nn.Module, adapter: DecoderAdapter) -> None:
     H is the normalised Hadamard, applied row-wise by the fast transform (``fht(W) == W @ H``, no dense
     (I, I) matrix), or the seeded random orthogonal fallback where I has no Hadamard construction.
     The matching online op ``x <- x @ H`` runs on down_proj's input (see ``online.QuantLinear``), so
-    ``(x @ H) @ (W @ H).T == x @ W.T``.
+    ``(x @ H) @ (W @ H).T == x @ W.T``. A MoE layer: every expert's down_proj.
     """
-    down = get_linear(layer, adapter.MLP_WRITER)
-    down.weight.copy_(online_hadamard(_f64(down.weight)).to(down.weight.dtype))
+    for name in adapter.mlp_writers(layer):
+        down = get_linear(layer, name)
+        down.weight.copy_(online_hadamard(_f64(down.weight)).to(down.weight.dtype))

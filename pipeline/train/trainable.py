@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from ..model.adapters import DecoderAdapter
+from ..model.adapters import DecoderAdapter, get_linear
 from ..rotation.cayley import orthonormalize
 from ..quant.quantizers import OFF_BITS, QuantSpec, quantize_weight_rtn
 from ..surgery.plan import Step, Transform, is_per_layer, rotation_plan, transform_tensor
@@ -116,7 +116,8 @@ def parametrize_rotations(model: nn.Module, adapter: DecoderAdapter, rotations: 
     """
     for p in model.parameters():
         p.requires_grad_(False)
-    unquantized = frozenset({id(adapter.embedding(model)), id(adapter.lm_head(model))})
+    routers = [get_linear(layer, name) for layer in adapter.layers(model) for name in adapter.routers(layer)]
+    unquantized = frozenset({id(adapter.embedding(model)), id(adapter.lm_head(model)), *map(id, routers)})
     parametrize_steps(rotation_plan(model, adapter), rotations, weight_quant, unquantized)
     if not is_per_layer(rotations.as_dict()):
         return []
