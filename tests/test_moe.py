@@ -95,7 +95,7 @@ def test_olmoe_with_clip_qkv_is_refused_in_one_line():
         load_model(cfg)
 
 
-def test_router_stays_16bit_and_an_expert_without_tokens_gets_rtn(tmp_path):
+def test_router_stays_16bit_and_an_expert_without_tokens_gets_rtn(tmp_path, caplog):
     """GPTQ on a MoE model whose expert 3 no calibration token reaches: that expert is quantized by RTN
     (no Hessian) instead of failing; the routers are rotated but neither wrapped nor quantized; the
     kernel backend runs every expert on Linear4bit and agrees with the fake-quant model."""
@@ -125,8 +125,10 @@ def test_router_stays_16bit_and_an_expert_without_tokens_gets_rtn(tmp_path):
               for layer in adapter.layers(model)]
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method="gptq")
     calib = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(1))
-    prepare_model(model, QUAROT, make_rotations(QUAROT, model), quant, None, calib)
+    with caplog.at_level("WARNING", logger="pipeline.quant.gptq"):
+        prepare_model(model, QUAROT, make_rotations(QUAROT, model), quant, None, calib)
     assert not reached
+    assert "mlp.experts.3.gate_proj saw no calibration token" in caplog.text
     for h in hooks + probes:
         h.remove()
     for layer in adapter.layers(model):
@@ -175,3 +177,37 @@ def test_streamed_sources_in_mixtral_hub_names_and_the_fused_layout():
     with pytest.raises(PipelineError, match=f"the model's weights lack {prefix}mlp.experts.2.up_proj.weight"):
         materialize(empty_model(model.config, torch.float32).model.layers[1], prefix, StateDictSource(hub),
                     torch.float32, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["tiny_qwen3_moe", "tiny_olmoe", "tiny_mixtral"])
+def test_routing_is_invariant_under_every_rotation(name):
+    """Float64: the rotated model's routers pick exactly the original's experts with the same weights
+    (the router reads the norm's output through R1 / the per-layer basis, folded into its weight)."""
+    from helpers import LAYERWISE, QUAROT, f64_model, random_per_layer_set
+
+    from pipeline.methods import make_rotations, prepare_model
+    from pipeline.model.adapters import adapter_for
+    from pipeline.quant.quantizers import QuantSpec
+
+    tokens = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(5))
+
+    def routes(model):
+        got = []
+        hooks = [b.gate.register_forward_hook(lambda m, a, o: got.append((o[1], o[2])))
+                 for layer in adapter_for(model).layers(model) for b in sparse_blocks(layer)]
+        with torch.no_grad():
+            model(tokens)
+        for h in hooks:
+            h.remove()
+        return got
+
+    want = routes(f64_model(name))
+    for method in (QUAROT, LAYERWISE):
+        model = f64_model(name)
+        rotations = random_per_layer_set(f64_model(name), seed=3) if method.per_layer else make_rotations(method, model)
+        prepare_model(model, method, rotations, QuantSpec())
+        got = routes(model)
+        assert len(got) == len(want) > 0
+        for (w_scores, w_index), (g_scores, g_index) in zip(want, got):
+            assert torch.equal(g_index, w_index)
+            assert (g_scores - w_scores).abs().max() < 2e-6  # HF takes the router's softmax in float32

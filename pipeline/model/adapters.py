@@ -168,7 +168,9 @@ class MoEAdapter(DecoderAdapter):
     ``(E, D)`` weight; experts ``mlp.experts``) in place of the dense MLP. The pipeline works on its
     experts split into one linear each (``moe.split_experts``, done by ``load_model`` and the checkpoint
     loader): expert e is ``mlp.experts.<e>.{gate,up,down}_proj``. The router reads the MLP norm's output,
-    so R1 and the norm fold act on it as on the experts' gate/up; R4 acts on every expert's down_proj."""
+    so R1 and the norm fold act on it as on the experts' gate/up; R4 acts on every expert's down_proj.
+    ``dims().intermediate`` is the config's ``intermediate_size`` (Qwen3-MoE: its dense layers'; each
+    expert's own size comes from its weights wherever a size is needed)."""
 
     ROUTER = "mlp.gate"
     EXPERTS = "mlp.experts"
@@ -197,11 +199,6 @@ class MoEAdapter(DecoderAdapter):
 
     def routers(self, layer: nn.Module) -> tuple[str, ...]:
         return (self.ROUTER,) if self._n_experts(layer) else ()
-
-    def dims(self, model: nn.Module) -> Dims:
-        d = super().dims(model)
-        expert = getattr(model.config, "moe_intermediate_size", None)  # Qwen3-MoE: experts' size (dense layers: intermediate_size)
-        return Dims(**{**d.__dict__, "intermediate": expert or d.intermediate})
 
 
 class Qwen3MoeAdapter(MoEAdapter):

@@ -10,11 +10,15 @@ over the columns not yet quantized through the upper Cholesky factor of ``H⁻¹
 inputs of the current layer, collects each linear's Hessian from the input the linear really sees
 (after online Hadamard and activation quant, with R3, KV quant and the residual transitions active),
 quantizes the linears group by group (q/k/v, o, gate/up, down: each later group sees the already
-quantized earlier ones) and feeds the quantized layer's outputs to the next layer. ``gptq_layer`` is
+quantized earlier ones; in a MoE layer every expert's gate/up, then every expert's down, each Hessian
+from the tokens routed to that expert, RTN with a warning for an expert no token reaches; the router
+stays 16-bit) and feeds the quantized layer's outputs to the next layer. ``gptq_layer`` is
 one such step, so the streamed fuse (``fuse.streamed``) runs it on each layer as it is loaded: peak
 memory is then one layer plus the cached windows' activations.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -24,6 +28,8 @@ from ..model.adapters import DecoderAdapter, get_linear
 from ..model.streaming import layer_inputs, run_layer
 from .quantizers import QuantSpec
 from .codes import dequantize, expand, quantize_codes, rtn, weight_scale
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -89,6 +95,8 @@ def gptq_layer(layer: nn.Module, adapter: DecoderAdapter, inputs: list[torch.Ten
             linear = get_linear(layer, name)
             H = hessians.pop(name).take()
             if H is None:  # an expert no calibration token was routed to: RTN (the same grid, no Hessian)
+                log.warning("gptq: %s saw no calibration token (no token was routed to this expert): "
+                            "its weights are RTN-quantized", name)
                 codes, scale = rtn(linear.weight.detach().to(torch.float32), quant.w_bits, quant.w_mse_clip,
                                    quant.w_group_size)
             else:
