@@ -78,6 +78,7 @@ cudaError_t dispatch_dtype(RsqDtype dtype, const char* op, F&& f) {
   switch (dtype) {
     case RsqDtype::kFloat32: return f(float{});
     case RsqDtype::kFloat16: return f(__half{});
+    case RsqDtype::kBFloat16: break;  // gemm_int8_sm90's output only
   }
   return fail(cudaErrorInvalidValue, "%s: unsupported dtype %d", op, static_cast<int>(dtype));
 }

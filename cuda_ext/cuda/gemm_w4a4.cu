@@ -380,6 +380,7 @@ cudaError_t rsq_gemm_w4a4(const uint8_t* a, const float* a_scale, const int32_t*
       args.w_sum = w_sum;
       return launch_gemm<Epilogue::kFloat16>(args, path, stream, op);
     }
+    case RsqDtype::kBFloat16: break;  // gemm_int8_sm90 only
   }
   return fail(cudaErrorInvalidValue, "%s: unsupported output dtype %d", op, static_cast<int>(out_dtype));
 }

@@ -186,6 +186,36 @@ at::Tensor gemm_w4a4(const at::Tensor& a_in, const at::Tensor& a_scale, const at
   return out;
 }
 
+// Hopper (sm_90a): the same (M, N) as gemm_w4a4 from int8 codes (one per byte, in [-8, 7]): a (M, K),
+// w (N, K) (unpack_int4 of the packed ones), on CUTLASS's TMA + warp-specialized int8 wgmma GEMM;
+// out_dtype float32 (the CPU reference's bits), float16 or bfloat16. Any other GPU: a clear error.
+at::Tensor gemm_int8_sm90(const at::Tensor& a_in, const at::Tensor& a_scale, const at::Tensor& a_zero,
+                          const at::Tensor& w_in, const at::Tensor& w_scale, const at::Tensor& w_sum,
+                          at::ScalarType out_dtype) {
+  const char* op = "gemm_int8_sm90";
+  check_matrix(a_in, op, "a", at::kChar);
+  check_matrix(w_in, op, "w", at::kChar);
+  check_on(w_in, a_in, op, "w");
+  TORCH_CHECK(a_in.size(1) == w_in.size(1), op, ": a is (M, ", a_in.size(1), ") but w is (N, ", w_in.size(1), ")");
+  const int64_t m = a_in.size(0), n = w_in.size(0), k = a_in.size(1);
+  check_vector(a_scale, a_in, op, "a_scale", at::kFloat, m);
+  check_vector(a_zero, a_in, op, "a_zero", at::kInt, m);
+  check_vector(w_scale, a_in, op, "w_scale", at::kFloat, n);
+  check_vector(w_sum, a_in, op, "w_sum", at::kInt, n);
+  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kFloat || out_dtype == at::kBFloat16, op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const at::Tensor a = a_in.contiguous(), w = w_in.contiguous();
+  const at::Tensor as = a_scale.contiguous(), az = a_zero.contiguous(), ws = w_scale.contiguous(), wz = w_sum.contiguous();
+  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  const RsqDtype dtype = out_dtype == at::kHalf ? RsqDtype::kFloat16
+                         : out_dtype == at::kBFloat16 ? RsqDtype::kBFloat16 : RsqDtype::kFloat32;
+  check_status(rsq_gemm_int8_sm90(a.data_ptr<int8_t>(), as.data_ptr<float>(), az.data_ptr<int32_t>(),
+                                  w.data_ptr<int8_t>(), ws.data_ptr<float>(), wz.data_ptr<int32_t>(), out.data_ptr(),
+                                  dtype, m, n, k, current_stream()));
+  return out;
+}
+
 // y = x @ kron(base, Sylvester(n / m)) / sqrt(n) along the last dim, in x's dtype.
 at::Tensor hadamard(const at::Tensor& x_in, const at::Tensor& base_in) {
   const char* op = "hadamard";
@@ -220,8 +250,10 @@ std::vector<at::Tensor> hadamard_quantize_act(const at::Tensor& x_in, const at::
   return {packed, scale, zero};
 }
 
-// out = h + ((h @ Q) @ M) @ Q^T per row, float32 compute, in h's dtype (no D x D matrix).
-at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& m_in) {
+// out = h (+ x) + ((h @ Q) @ M) @ Q^T per row, float32 compute, in h's dtype (no D x D matrix); x, where
+// given, is added in the same pass (the residual add of the block output).
+at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::Tensor& m_in,
+                      const c10::optional<at::Tensor>& x_in) {
   const char* op = "transition";
   check_float_input(h_in, op, "h");
   check_on(q_in, h_in, op, "Q");
@@ -236,10 +268,17 @@ at::Tensor transition(const at::Tensor& h_in, const at::Tensor& q_in, const at::
   TORCH_CHECK(r >= 1 && r <= 128, op, ": rank r=", r, " must be in [1, 128]");
   const c10::cuda::CUDAGuard guard(h_in.device());
   const at::Tensor h = kernel_float(h_in), q = q_in.contiguous(), mix = m_in.contiguous();
+  at::Tensor x;
+  if (x_in.has_value() && x_in->defined()) {
+    check_on(*x_in, h_in, op, "x");
+    TORCH_CHECK(x_in->sizes() == h_in.sizes(), op, ": x must have h's shape ", h_in.sizes(), ", got ", x_in->sizes());
+    x = x_in->to(h.scalar_type()).contiguous();
+  }
   at::Tensor out = at::empty_like(h);
   const size_t workspace_bytes = rsq_transition_workspace_bytes(t, d, r);
   at::Tensor workspace = at::empty({static_cast<int64_t>((workspace_bytes + 3) / 4)}, h.options().dtype(at::kFloat));
-  check_status(rsq_transition(h.data_ptr(), out.data_ptr(), rsq_dtype(h), t, d, q.data_ptr<float>(),
+  check_status(rsq_transition(h.data_ptr(), x.defined() ? x.data_ptr() : nullptr, out.data_ptr(), rsq_dtype(h), t, d,
+                              q.data_ptr<float>(),
                               mix.data_ptr<float>(), r, workspace.data_ptr(), workspace_bytes, current_stream()));
   return out.scalar_type() == h_in.scalar_type() ? out : out.to(h_in.scalar_type());
 }
@@ -256,8 +295,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_w4a4", &gemm_w4a4, "(M, N) int4 GEMM with the dequant epilogue, float16 (default) or float32",
         py::arg("a"), py::arg("a_scale"), py::arg("a_zero"), py::arg("w"), py::arg("w_scale"), py::arg("w_sum"),
         py::arg("out_dtype") = at::kHalf, py::arg("path") = std::string("auto"));
+  m.def("gemm_int8_sm90", &gemm_int8_sm90, "(M, N) from int8 codes on Hopper's int8 wgmma (CUTLASS), dequant epilogue",
+        py::arg("a"), py::arg("a_scale"), py::arg("a_zero"), py::arg("w"), py::arg("w_scale"), py::arg("w_sum"),
+        py::arg("out_dtype") = at::kBFloat16);
   m.def("hadamard", &hadamard, "x @ kron(base, Sylvester) / sqrt(n) along the last dim", py::arg("x"), py::arg("base"));
   m.def("hadamard_quantize_act", &hadamard_quantize_act, "quantize_act(hadamard(x, base)) in one launch", py::arg("x"),
         py::arg("base"), py::arg("clip_ratio") = 1.0);
-  m.def("transition", &transition, "h + ((h @ Q) @ M) @ Q^T per row", py::arg("h"), py::arg("Q"), py::arg("M"));
+  m.def("transition", &transition, "h (+ x) + ((h @ Q) @ M) @ Q^T per row", py::arg("h"), py::arg("Q"), py::arg("M"),
+        py::arg("x") = py::none());
 }

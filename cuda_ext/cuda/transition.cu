@@ -128,11 +128,12 @@ transition_mix_kernel(const float* __restrict__ partial, int parts, const float*
   }
 }
 
-// h and out may alias: each element of h is read by the thread that writes it, after kernel 1.
+// h (and x) and out may alias: each element is read by the thread that writes it, after kernel 1.
+// out = h (+ x, the block output: the residual add fused) + V Q^T.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-transition_apply_kernel(const T* h, const float* __restrict__ q, const float* __restrict__ v, T* out, int t_total,
-                        int d_total, int r) {
+transition_apply_kernel(const T* h, const T* x, const float* __restrict__ q, const float* __restrict__ v, T* out,
+                        int t_total, int d_total, int r) {
   __shared__ float vs[kTokTile][kMaxR];
   __shared__ float qs[kDTile][kRChunk + 1];  // +1: column reads qs[d][c] over d are conflict-free
   const int tid = threadIdx.x, tg = tid / 32, dg = tid % 32;
@@ -171,7 +172,8 @@ transition_apply_kernel(const T* h, const float* __restrict__ q, const float* __
       const int d = d0 + dg + 32 * j;
       if (d >= d_total) continue;
       const int64_t idx = static_cast<int64_t>(tok) * d_total + d;
-      out[idx] = from_float<T>(to_float(h[idx]) + acc[i][j]);
+      const float base = x == nullptr ? to_float(h[idx]) : to_float(h[idx]) + to_float(x[idx]);
+      out[idx] = from_float<T>(base + acc[i][j]);
     }
   }
 }
@@ -185,8 +187,9 @@ size_t rsq_transition_workspace_bytes(int64_t t, int64_t d, int64_t r) {
   return sizeof(float) * static_cast<size_t>((split.parts + 1) * t * r);
 }
 
-cudaError_t rsq_transition(const void* h, void* out, RsqDtype dtype, int64_t t, int64_t d, const float* q,
-                           const float* mix, int64_t r, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+cudaError_t rsq_transition(const void* h, const void* x, void* out, RsqDtype dtype, int64_t t, int64_t d,
+                           const float* q, const float* mix, int64_t r, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream) {
   using namespace rsq;
   const char* op = "transition";
   if (r < 1 || r > kMaxR) {
@@ -217,7 +220,7 @@ cudaError_t rsq_transition(const void* h, void* out, RsqDtype dtype, int64_t t, 
     err = check_launch(op);
     if (err != cudaSuccess) return err;
     transition_apply_kernel<T><<<dim3(token_tiles, ceil_div(d, kDTile)), kThreads, 0, stream>>>(
-        hs, q, v, static_cast<T*>(out), ti, di, ri);
+        hs, static_cast<const T*>(x), q, v, static_cast<T*>(out), ti, di, ri);
     return check_launch(op);
   });
 }

@@ -16,7 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 
-enum class RsqDtype : int { kFloat32 = 0, kFloat16 = 1 };
+enum class RsqDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };  // bf16: gemm_int8_sm90's output only
 
 // Which tensor-core path gemm_w4a4 / gemm_int4 use. kAuto picks by compute capability: kS4 (int4
 // mma m16n8k64) on sm_80..sm_89, kS8 (int4 sign-extended to int8 in registers, int8 mma m16n8k32)
@@ -57,6 +57,15 @@ cudaError_t rsq_gemm_w4a4(const uint8_t* a, const float* a_scale, const int32_t*
                           const float* w_scale, const int32_t* w_sum, void* out, RsqDtype out_dtype, int64_t m,
                           int64_t n, int64_t k, RsqGemmPath path, cudaStream_t stream);
 
+// Hopper (sm_90a) prefill GEMM on CUTLASS (TMA, warp-specialized int8 wgmma): the same out as
+// rsq_gemm_w4a4, from int8 codes (one per byte, in [-8, 7]) instead of packed ones: a (m, k) and
+// w (n, k), both row-major. float32, float16 or bfloat16 out; float32 is the CPU reference's bits.
+// k a multiple of 16 and < 2^24; n a multiple of 16 / sizeof(out) * 2 (8 for 16-bit out, 4 for
+// float32). Any other device: cudaErrorNotSupported with a message.
+cudaError_t rsq_gemm_int8_sm90(const int8_t* a, const float* a_scale, const int32_t* a_zero, const int8_t* w,
+                               const float* w_scale, const int32_t* w_sum, void* out, RsqDtype out_dtype, int64_t m,
+                               int64_t n, int64_t k, cudaStream_t stream);
+
 // out int32 (m, n) = acc only (the exactness check of the integer part).
 cudaError_t rsq_gemm_int4(const uint8_t* a, const uint8_t* w, int32_t* out, int64_t m, int64_t n, int64_t k,
                           RsqGemmPath path, cudaStream_t stream);
@@ -79,5 +88,8 @@ cudaError_t rsq_hadamard_quantize_act(const void* x, RsqDtype x_dtype, int64_t r
 // of rsq_transition_workspace_bytes(t, d, r) bytes (16-byte aligned); the split of d, and so the float
 // summation order, depends on the shapes only (deterministic across runs and devices).
 size_t rsq_transition_workspace_bytes(int64_t t, int64_t d, int64_t r);
-cudaError_t rsq_transition(const void* h, void* out, RsqDtype dtype, int64_t t, int64_t d, const float* q,
-                           const float* mix, int64_t r, void* workspace, size_t workspace_bytes, cudaStream_t stream);
+// x (may be null): another (t, d) tensor of h's dtype added in the same pass, out = h + x + ... (the
+// residual add of the block output x fused, as the CPU op's x=).
+cudaError_t rsq_transition(const void* h, const void* x, void* out, RsqDtype dtype, int64_t t, int64_t d,
+                           const float* q, const float* mix, int64_t r, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);

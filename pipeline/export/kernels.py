@@ -111,22 +111,47 @@ def cpu_ops():
 
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda_ext" / "cuda"
-CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+# 9.0a: Hopper's wgmma / TMA (gemm_int8_sm90.cu) exist only in an arch-specific sm_90a build
+CUDA_ARCHS = "8.0;8.6;8.9;9.0a"
+CUTLASS_WHEEL = "nvidia-cutlass==4.2.0.0"  # the CUTLASS / CuTe headers (pyproject's cuda and dev extras pin it)
+# NDEBUG: CUTLASS's device asserts are calls inside the wgmma main loop, which make ptxas serialize it (C7510)
+CUDA_FLAGS = ["-O3", "-std=c++17", "-DNDEBUG", "--expt-relaxed-constexpr"]
+
+
+def cutlass_include() -> list[Path]:
+    """The include folders of the pinned ``nvidia-cutlass`` wheel (CUTLASS and CuTe; the util headers
+    for ``packed_stride.hpp``); a one-line error naming the wheel when it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    source = next((Path(r) / "source" for r in roots if (Path(r) / "source" / "include" / "cute").is_dir()), None)
+    if source is None:
+        raise PipelineError(f"the CUDA kernels need the CUTLASS headers: pip install {CUTLASS_WHEEL}")
+    return [source / "include", source / "tools" / "util" / "include"]
 
 
 @functools.lru_cache(maxsize=1)
 def cuda_ops():
     """The CUDA extension (``cuda_ext/cuda``: every ``.cu`` plus ``torch_bindings.cpp``), built for
-    sm_80/86/89/90 where torch has CUDA; the GEMM picks the int4 (sm_8x) or int8 (sm_90) tensor-core
-    path by the device's compute capability. No ``--use_fast_math``: the quantizer needs IEEE division."""
+    sm_80/86/89/90a where torch has CUDA, with the CUTLASS headers of the pinned wheel. The int4 GEMM
+    picks the int4 (sm_8x) or int8 (sm_90) mma.sync path by compute capability; on sm_90 ``Linear4bit``
+    runs prefill on ``gemm_int8_sm90`` (CUTLASS, TMA + warp-specialized wgmma). No ``--use_fast_math``:
+    the quantizer needs IEEE division."""
     if not torch.cuda.is_available():
         raise PipelineError("the CUDA kernels need a CUDA build of torch and a GPU; use the CPU kernels (cpu_ops)")
     from torch.utils.cpp_extension import load
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", CUDA_ARCHS)
+    include = [str(p) for p in cutlass_include()]
     sources = sorted(str(p) for p in CUDA_DIR.glob("*.cu")) + [str(CUDA_DIR / "torch_bindings.cpp")]
-    return load(name="rsq_w4a4_cuda", sources=sources, extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", "-std=c++17"], verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
+    return load(name="rsq_w4a4_cuda", sources=sources, extra_cflags=["-O3"], extra_cuda_cflags=CUDA_FLAGS,
+                extra_include_paths=include, verbose=bool(os.environ.get("RSQ_VERBOSE_BUILD")))
+
+
+def is_hopper(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives on an sm_90 GPU (H100/H200), where the W4A4 prefill GEMM is CUTLASS's int8 wgmma."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0)
 
 
 def ops_for(t: torch.Tensor):

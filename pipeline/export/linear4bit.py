@@ -14,7 +14,7 @@ from torch import nn
 
 from ..infra.errors import PipelineError
 from ..rotation.hadamard import has_hadamard
-from .kernels import check_k, cpu_int8_ready, cpu_ops, gemm_w4a4_int8, hadamard_base, ops_for
+from .kernels import check_k, cpu_int8_ready, cpu_ops, gemm_w4a4_int8, hadamard_base, is_hopper, ops_for
 from ..surgery.online import OnlineAttention, QuantLinear
 
 
@@ -53,6 +53,7 @@ class Linear4bit(nn.Module):
             raise PipelineError(f"Linear4bit: no Hadamard construction for K={self.in_features}")
         self.register_buffer("had_base", hadamard_base(self.in_features) if rotate_input else None)
         self._codes_t: torch.Tensor | None = None
+        self._codes_nk: torch.Tensor | None = None
         self.cpu_gemm = "auto"  # CPU GEMM: "auto" (int4 kernel up to DECODE_ROWS tokens, else int8 dot
         # products where torch._int_mm runs), "int8", "int4"
 
@@ -95,7 +96,11 @@ class Linear4bit(nn.Module):
                 packed, scale, zero = ops.hadamard_quantize_act(x2, self.had_base, self.clip_ratio)
             else:
                 packed, scale, zero = ops.quantize_act(x2, self.clip_ratio)
-            y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum, out_dtype=torch.float32)
+            if x2.shape[0] > DECODE_ROWS and self.out_features % 8 == 0 and is_hopper(x2):  # prefill, Hopper: CUTLASS int8 wgmma
+                y = ops.gemm_int8_sm90(ops.unpack_int4(packed), scale, zero, self._weight_codes_nk(), self.w_scale,
+                                       self.w_sum, out_dtype=torch.float32)
+            else:
+                y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum, out_dtype=torch.float32)
         else:
             if self.rotate_input:
                 x2 = ops.hadamard(x2, self.had_base)
@@ -109,6 +114,13 @@ class Linear4bit(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _weight_codes_nk(self) -> torch.Tensor:
+        """The weight codes as int8 ``(N, K)`` on the weights' GPU for Hopper's int8 GEMM: unpacked once, on
+        first use (twice the packed bytes, half of bf16's; not in the state dict)."""
+        if self._codes_nk is None or self._codes_nk.device != self.qweight.device:
+            self._codes_nk = ops_for(self.qweight).unpack_int4(self.qweight.contiguous())
+        return self._codes_nk
 
     def _weight_codes_t(self) -> torch.Tensor:
         """The weight codes as int8 ``(K, N)`` for the int8 path: unpacked once, on first use (twice the

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .harness import BUILD_LOG, Part
-from ...export.kernels import cpu_ops, cuda_ops, hadamard_base, reference_transition
+from ...export.kernels import cpu_ops, cuda_ops, hadamard_base, is_hopper, reference_transition
 from ...export.linear4bit import Linear4bit
 
 SEED_BYTES = 4
@@ -188,6 +188,13 @@ def correctness(ctx) -> None:
             else:
                 exact_check(ctx, f"gemm_int4_{m}x{n}x{k}", lambda: ops.gemm_int4(args[0], args[3]), [acc], seed, **info)
                 exact_check(ctx, f"gemm_w4a4_f32_{m}x{n}x{k}", lambda: ops.gemm_w4a4(*args), [ref32], seed, **info)
+        if cuda and is_hopper(args[0]) and n % 8 == 0:  # CUTLASS's TMA + wgmma GEMM on the int8 codes
+            int8_args = [a.to(dev), args[1], args[2], w.to(dev), args[4], args[5]]
+            info = {"path": "cutlass_sm90", "reference": "cpu_ops" if small else "exact float64 product on the device"}
+            for out_dtype, ref in ((torch.float32, ref32), (torch.float16, ref32.half()), (torch.bfloat16, ref32.bfloat16())):
+                exact_check(ctx, f"gemm_int8_sm90_{str(out_dtype)[6:]}_{m}x{n}x{k}",
+                            lambda out_dtype=out_dtype: ops.gemm_int8_sm90(*int8_args, out_dtype=out_dtype), [ref], seed,
+                            **info)
 
     for t, d, r in [(1, 64, 1), (13, 576, 32)] + ([] if tiny else [(7, 4096, 128), (2048, 4096, 32)]):
         g, seed = gen()
@@ -201,6 +208,13 @@ def correctness(ctx) -> None:
         ok = err <= bound and same(runs[0][0], runs[1][0])
         ctx.report.check("kernels", f"transition_{t}x{d}_r{r}", ok,
                          "float32: max |out - float64 reference| <= 1e-5 (1 + max |ref|); both calls equal",
+                         seed=seed, poison_hit=hit, max_abs=err, bound_value=bound)
+        x = torch.randn(t, d, generator=g)  # the residual add fused: h + x + ((h Q) M) Q^T
+        runs, hit = poisoned(ctx, lambda: ops.transition(h.to(dev), Q.to(dev), M.to(dev), x=x.to(dev)), [h])
+        err = max(float((run[0].double() - (ref + x.double())).abs().max()) for run in runs)
+        ok = err <= bound + 1e-5 * float(x.abs().max()) and same(runs[0][0], runs[1][0])
+        ctx.report.check("kernels", f"transition_add_{t}x{d}_r{r}", ok,
+                         "float32: max |out - (float64 reference + x)| within the bound; both calls equal",
                          seed=seed, poison_hit=hit, max_abs=err, bound_value=bound)
 
     # Linear4bit (what load_quantized(backend="kernel") runs) on the device against the same layer on the CPU
@@ -310,9 +324,23 @@ def timing(ctx) -> None:
                     return ops.gemm_w4a4(p, s, z, w4[i % copies4], w_scale, w_sum, out_dtype=out_dtype)
                 return ops.gemm_w4a4(p, s, z, w4[i % copies4], w_scale, w_sum)
 
+            timed = [("linear_w4a4", linear_w4a4), ("gemm_w4a4", gemm_only)]
+            if cuda and is_hopper(x):  # the CUTLASS int8 wgmma GEMM on unpacked codes, bf16 out
+                w8 = [ops.unpack_int4(w) for w in w4]
+                a8 = ops.unpack_int4(p)
+
+                def gemm_sm90(i: int, a8=a8, s=s, z=z, w8=w8):
+                    return ops.gemm_int8_sm90(a8, s, z, w8[i % copies4], w_scale, w_sum, out_dtype=torch.bfloat16)
+
+                def linear_sm90(i: int, x=x, base=base, w8=w8):
+                    p_, s_, z_ = ops.quantize_act(x, 0.9) if base is None else ops.hadamard_quantize_act(x, base, 0.9)
+                    return ops.gemm_int8_sm90(ops.unpack_int4(p_), s_, z_, w8[i % copies4], w_scale, w_sum,
+                                              out_dtype=torch.bfloat16)
+
+                timed += [("linear_w4a4_sm90", linear_sm90), ("gemm_int8_sm90", gemm_sm90)]
             base_ms, mode = timer(lambda i, x=x: F.linear(x, w16[i % copies16]))
             rows = [("linear_bf16", base_ms, mode)]
-            for op, fn in (("linear_w4a4", linear_w4a4), ("gemm_w4a4", gemm_only)):
+            for op, fn in timed:
                 try:
                     t, mode = timer(fn)
                     rows.append((op, t, mode))
