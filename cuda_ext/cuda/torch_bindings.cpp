@@ -186,6 +186,38 @@ at::Tensor gemm_w4a4(const at::Tensor& a_in, const at::Tensor& a_scale, const at
   return out;
 }
 
+// Decode (1 <= M <= 16): the same (M, N) as gemm_w4a4 by a split-K GEMV over the packed weights (dp4a on
+// the nibbles, exact int32 partial sums); split_k <= 0 picks it from the GPU's SM count.
+at::Tensor gemv_w4a4(const at::Tensor& a_in, const at::Tensor& a_scale, const at::Tensor& a_zero, const at::Tensor& w_in,
+                     const at::Tensor& w_scale, const at::Tensor& w_sum, at::ScalarType out_dtype, int64_t split_k) {
+  const char* op = "gemv_w4a4";
+  check_gemm_operands(a_in, w_in, op);
+  const int64_t m = a_in.size(0), n = w_in.size(0), k = 2 * a_in.size(1);
+  check_vector(a_scale, a_in, op, "a_scale", at::kFloat, m);
+  check_vector(a_zero, a_in, op, "a_zero", at::kInt, m);
+  check_vector(w_scale, a_in, op, "w_scale", at::kFloat, n);
+  check_vector(w_sum, a_in, op, "w_sum", at::kInt, n);
+  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kFloat, op, ": out_dtype must be float16 or float32, got ",
+              out_dtype);
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const at::Tensor a = prepared(a_in), w = prepared(w_in);
+  const at::Tensor as = a_scale.contiguous(), az = a_zero.contiguous(), ws = w_scale.contiguous(), wz = w_sum.contiguous();
+  if (split_k <= 0) {
+    int sms = 0;
+    TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()) == cudaSuccess, op,
+                ": querying the SM count failed");
+    split_k = rsq_gemv_split_k(n, k, sms);
+  }
+  at::Tensor out = at::empty({m, n}, a.options().dtype(out_dtype));
+  const size_t workspace_bytes = rsq_gemv_workspace_bytes(m, n, static_cast<int>(split_k));
+  at::Tensor workspace = at::empty({static_cast<int64_t>(workspace_bytes / 4) + 1}, a.options().dtype(at::kInt));
+  check_status(rsq_gemv_w4a4(a.data_ptr<uint8_t>(), as.data_ptr<float>(), az.data_ptr<int32_t>(), w.data_ptr<uint8_t>(),
+                             ws.data_ptr<float>(), wz.data_ptr<int32_t>(), out.data_ptr(),
+                             out_dtype == at::kHalf ? RsqDtype::kFloat16 : RsqDtype::kFloat32, m, n, k,
+                             static_cast<int>(split_k), workspace.data_ptr(), workspace_bytes, current_stream()));
+  return out;
+}
+
 // Hopper (sm_90a): the same (M, N) as gemm_w4a4 from int8 codes (one per byte, in [-8, 7]): a (M, K),
 // w (N, K) (unpack_int4 of the packed ones), on CUTLASS's TMA + warp-specialized int8 wgmma GEMM;
 // out_dtype float32 (the CPU reference's bits), float16 or bfloat16. Any other GPU: a clear error.
@@ -295,6 +327,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_w4a4", &gemm_w4a4, "(M, N) int4 GEMM with the dequant epilogue, float16 (default) or float32",
         py::arg("a"), py::arg("a_scale"), py::arg("a_zero"), py::arg("w"), py::arg("w_scale"), py::arg("w_sum"),
         py::arg("out_dtype") = at::kHalf, py::arg("path") = std::string("auto"));
+  m.def("gemv_w4a4", &gemv_w4a4, "(M <= 16, N) decode GEMV on packed int4, split-K, dequant epilogue", py::arg("a"),
+        py::arg("a_scale"), py::arg("a_zero"), py::arg("w"), py::arg("w_scale"), py::arg("w_sum"),
+        py::arg("out_dtype") = at::kHalf, py::arg("split_k") = 0);
   m.def("gemm_int8_sm90", &gemm_int8_sm90, "(M, N) from int8 codes on Hopper's int8 wgmma (CUTLASS), dequant epilogue",
         py::arg("a"), py::arg("a_scale"), py::arg("a_zero"), py::arg("w"), py::arg("w_scale"), py::arg("w_sum"),
         py::arg("out_dtype") = at::kBFloat16);

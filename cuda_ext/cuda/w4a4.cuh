@@ -66,6 +66,17 @@ cudaError_t rsq_gemm_int8_sm90(const int8_t* a, const float* a_scale, const int3
                                const float* w_scale, const int32_t* w_sum, void* out, RsqDtype out_dtype, int64_t m,
                                int64_t n, int64_t k, cudaStream_t stream);
 
+// Decode (1 <= m <= 16 tokens): the same out as rsq_gemm_w4a4 (float32: the same bits) by a GEMV that
+// streams the packed weights once with 16-byte loads, dp4a on the nibbles, split over K into split_k
+// chunks (rsq_gemv_split_k: enough blocks to keep the memory busy) whose exact int32 partial sums meet in
+// a workspace of rsq_gemv_workspace_bytes (cleared here; none for split_k = 1). a, w 16-byte aligned.
+int rsq_gemv_split_k(int64_t n, int64_t k, int sm_count);
+size_t rsq_gemv_workspace_bytes(int64_t m, int64_t n, int split_k);
+cudaError_t rsq_gemv_w4a4(const uint8_t* a, const float* a_scale, const int32_t* a_zero, const uint8_t* w,
+                          const float* w_scale, const int32_t* w_sum, void* out, RsqDtype out_dtype, int64_t m,
+                          int64_t n, int64_t k, int split_k, void* workspace, size_t workspace_bytes,
+                          cudaStream_t stream);
+
 // out int32 (m, n) = acc only (the exactness check of the integer part).
 cudaError_t rsq_gemm_int4(const uint8_t* a, const uint8_t* w, int32_t* out, int64_t m, int64_t n, int64_t k,
                           RsqGemmPath path, cudaStream_t stream);

@@ -188,6 +188,13 @@ def correctness(ctx) -> None:
             else:
                 exact_check(ctx, f"gemm_int4_{m}x{n}x{k}", lambda: ops.gemm_int4(args[0], args[3]), [acc], seed, **info)
                 exact_check(ctx, f"gemm_w4a4_f32_{m}x{n}x{k}", lambda: ops.gemm_w4a4(*args), [ref32], seed, **info)
+        if cuda and m <= 16:  # the decode GEMV: split-K picked from the SM count, and one chunk
+            for split in (0, 1):
+                info = {"path": f"gemv_split{split or 'auto'}",
+                        "reference": "cpu_ops" if small else "exact float64 product on the device"}
+                exact_check(ctx, f"gemv_w4a4_f32_{m}x{n}x{k}_split{split or 'auto'}",
+                            lambda split=split: ops.gemv_w4a4(*args, out_dtype=torch.float32, split_k=split), [ref32],
+                            seed, **info)
         if cuda and is_hopper(args[0]) and n % 8 == 0:  # CUTLASS's TMA + wgmma GEMM on the int8 codes
             int8_args = [a.to(dev), args[1], args[2], w.to(dev), args[4], args[5]]
             info = {"path": "cutlass_sm90", "reference": "cpu_ops" if small else "exact float64 product on the device"}
@@ -325,6 +332,9 @@ def timing(ctx) -> None:
                 return ops.gemm_w4a4(p, s, z, w4[i % copies4], w_scale, w_sum)
 
             timed = [("linear_w4a4", linear_w4a4), ("gemm_w4a4", gemm_only)]
+            if cuda and m <= 16:  # the split-K decode GEMV on the same packed operands
+                timed.append(("gemv_w4a4", lambda i, p=p, s=s, z=z: ops.gemv_w4a4(p, s, z, w4[i % copies4], w_scale,
+                                                                                  w_sum, out_dtype=out_dtype)))
             if cuda and is_hopper(x):  # the CUTLASS int8 wgmma GEMM on unpacked codes, bf16 out
                 w8 = [ops.unpack_int4(w) for w in w4]
                 a8 = ops.unpack_int4(p)
