@@ -97,6 +97,20 @@ void check_base(const at::Tensor& base, const at::Tensor& x, int64_t n, const ch
   TORCH_CHECK((p & (p - 1)) == 0, op, ": n / m = ", p, " must be a power of two");
 }
 
+// The dequant epilogue's vectors: a_scale float32 (M), a_zero int32 (M), w_scale float32 (N), w_sum int32 (N).
+void check_epilogue_vectors(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& a_zero,
+                            const at::Tensor& w_scale, const at::Tensor& w_sum, int64_t m, int64_t n, const char* op) {
+  check_vector(a_scale, a, op, "a_scale", at::kFloat, m);
+  check_vector(a_zero, a, op, "a_zero", at::kInt, m);
+  check_vector(w_scale, a, op, "w_scale", at::kFloat, n);
+  check_vector(w_sum, a, op, "w_sum", at::kInt, n);
+}
+
+void check_half_or_float(at::ScalarType out_dtype, const char* op) {
+  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kFloat, op, ": out_dtype must be float16 or float32, got ",
+              out_dtype);
+}
+
 }  // namespace
 
 // int8 codes (R, K) in [-8, 7] -> packed uint8 (R, K/2). Synchronizes once to report out-of-range codes.
@@ -168,12 +182,8 @@ at::Tensor gemm_w4a4(const at::Tensor& a_in, const at::Tensor& a_scale, const at
   const char* op = "gemm_w4a4";
   check_gemm_operands(a_in, w_in, op);
   const int64_t m = a_in.size(0), n = w_in.size(0), k = 2 * a_in.size(1);
-  check_vector(a_scale, a_in, op, "a_scale", at::kFloat, m);
-  check_vector(a_zero, a_in, op, "a_zero", at::kInt, m);
-  check_vector(w_scale, a_in, op, "w_scale", at::kFloat, n);
-  check_vector(w_sum, a_in, op, "w_sum", at::kInt, n);
-  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kFloat, op, ": out_dtype must be float16 or float32, got ",
-              out_dtype);
+  check_epilogue_vectors(a_in, a_scale, a_zero, w_scale, w_sum, m, n, op);
+  check_half_or_float(out_dtype, op);
   const RsqGemmPath gemm_path = parse_path(path, op);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = prepared(a_in), w = prepared(w_in);
@@ -193,12 +203,8 @@ at::Tensor gemv_w4a4(const at::Tensor& a_in, const at::Tensor& a_scale, const at
   const char* op = "gemv_w4a4";
   check_gemm_operands(a_in, w_in, op);
   const int64_t m = a_in.size(0), n = w_in.size(0), k = 2 * a_in.size(1);
-  check_vector(a_scale, a_in, op, "a_scale", at::kFloat, m);
-  check_vector(a_zero, a_in, op, "a_zero", at::kInt, m);
-  check_vector(w_scale, a_in, op, "w_scale", at::kFloat, n);
-  check_vector(w_sum, a_in, op, "w_sum", at::kInt, n);
-  TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kFloat, op, ": out_dtype must be float16 or float32, got ",
-              out_dtype);
+  check_epilogue_vectors(a_in, a_scale, a_zero, w_scale, w_sum, m, n, op);
+  check_half_or_float(out_dtype, op);
   const c10::cuda::CUDAGuard guard(a_in.device());
   const at::Tensor a = prepared(a_in), w = prepared(w_in);
   const at::Tensor as = a_scale.contiguous(), az = a_zero.contiguous(), ws = w_scale.contiguous(), wz = w_sum.contiguous();
@@ -230,10 +236,7 @@ at::Tensor gemm_int8_sm90(const at::Tensor& a_in, const at::Tensor& a_scale, con
   check_on(w_in, a_in, op, "w");
   TORCH_CHECK(a_in.size(1) == w_in.size(1), op, ": a is (M, ", a_in.size(1), ") but w is (N, ", w_in.size(1), ")");
   const int64_t m = a_in.size(0), n = w_in.size(0), k = a_in.size(1);
-  check_vector(a_scale, a_in, op, "a_scale", at::kFloat, m);
-  check_vector(a_zero, a_in, op, "a_zero", at::kInt, m);
-  check_vector(w_scale, a_in, op, "w_scale", at::kFloat, n);
-  check_vector(w_sum, a_in, op, "w_sum", at::kInt, n);
+  check_epilogue_vectors(a_in, a_scale, a_zero, w_scale, w_sum, m, n, op);
   TORCH_CHECK(out_dtype == at::kHalf || out_dtype == at::kFloat || out_dtype == at::kBFloat16, op,
               ": out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
   const c10::cuda::CUDAGuard guard(a_in.device());
