@@ -62,6 +62,7 @@ def _same_files(a, b) -> None:
 @pytest.mark.parametrize("name,method,rank,weights", [
     ("tiny_llama", QUAROT, None, "rtn"), ("tiny_llama", RESPIN, 8, "gptq"), ("tiny_llama", LAYERWISE, None, "gptq"),
     ("tiny_qwen2", QUAROT, None, "gptq"), ("tiny_qwen2", RESPIN, "adaptive", "rtn"), ("tiny_qwen2", MethodSpec(name="rtn"), None, "rtn"),
+    ("tiny_qwen3_moe", QUAROT, None, "gptq"), ("tiny_mixtral", RESPIN, 8, "gptq"),  # MoE: per-expert linears streamed
 ])
 def test_streamed_fuse_writes_the_whole_model_bytes(tmp_path, name, method, rank, weights):
     quant = QuantSpec(w_bits=4, a_bits=4, kv_bits=4, weight_method=weights)

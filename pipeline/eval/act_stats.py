@@ -50,6 +50,11 @@ class _Accumulator:
         }
 
 
+def _linear_label(name: str) -> str:
+    """A linear's CSV label: its own name (``q_proj``), or ``experts.<e>.gate_proj`` for a MoE expert."""
+    return name.split("mlp.", 1)[-1] if ".experts." in name else name.split(".")[-1]
+
+
 class ActivationStats:
     """Accumulators of every watched decoder linear input, in watch order (layer by layer)."""
 
@@ -72,9 +77,10 @@ class ActivationStats:
         return handles
 
     def rows(self) -> list[dict]:
-        """One row per linear: ``{"layer", "linear", "index", "absmax", "kurtosis", "max_median_ratio"}``."""
-        return [{"layer": i, "linear": name.split(".")[-1], "index": index, **acc.result()}
-                for index, ((i, name), acc) in enumerate(self.accs.items())]
+        """One row per linear that saw input (a MoE expert no token reached has none): ``{"layer", "linear",
+        "index", "absmax", "kurtosis", "max_median_ratio"}``."""
+        return [{"layer": i, "linear": _linear_label(name), "index": index, **acc.result()}
+                for index, ((i, name), acc) in enumerate(self.accs.items()) if acc.n > 0]
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ def bench_generate(model_name: str, load_fn, prompt: int, new_tokens: int, batch
     half = half.to(torch.bfloat16).eval()
     if prompt + new_tokens > max_positions(half):
         raise PipelineError(f"prompt {prompt} + {new_tokens} new tokens exceed the model's "
-                         f"{max_positions(half)} positions")
+                            f"{max_positions(half)} positions")
     base, tok, fingerprint = load_fn()
     with tempfile.TemporaryDirectory(prefix="rsq_bench_") as folder:
         quant = kernel_checkpoint(base, tok, fingerprint, folder)

@@ -99,6 +99,8 @@ class Linear4bit(nn.Module):
             if x2.shape[0] > DECODE_ROWS and self.out_features % 8 == 0 and is_hopper(x2):  # prefill, Hopper: CUTLASS int8 wgmma
                 y = ops.gemm_int8_sm90(ops.unpack_int4(packed), scale, zero, self._weight_codes_nk(), self.w_scale,
                                        self.w_sum, out_dtype=torch.float32)
+            elif x2.shape[0] <= DECODE_ROWS:  # decode: the split-K GEMV over the packed weights
+                y = ops.gemv_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum, out_dtype=torch.float32)
             else:
                 y = ops.gemm_w4a4(packed, scale, zero, self.qweight, self.w_scale, self.w_sum, out_dtype=torch.float32)
         else:
