@@ -4,9 +4,10 @@ on the C++ CPU ops (``kernels.cpu_ops``: ``hadamard``, ``quantize_act_int8``), f
 Same bits as the torch ops it replaces: the C++ Hadamard is the same butterfly and division by
 sqrt(n) as ``hadamard.fast_hadamard_transform``, and the 4-bit quantizer's codes and grid are
 ``quantize_asym``'s (``(codes - zero) * scale`` with ``codes - 8`` and ``zero - 8`` stored, exact in
-float32, then its straight-through ``x + (q - x)``); both compute in float32 and round to the input's dtype where the torch ops do
-(``tests/test_online_kernels.py``). Anything the C++ ops do not cover (a CUDA tensor, autograd, a
-head_dim with no Hadamard construction or not a multiple of 32, KV bits other than 4) takes the torch ops.
+float32, then its straight-through ``x + (q - x)``); both compute in float32 and round to the input's
+dtype where the torch ops do (``tests/test_online_kernels.py``). Anything the C++ ops do not cover (a
+CUDA tensor, autograd, float64, a head_dim with no Hadamard construction or not a multiple of 32, KV
+bits other than 4) takes the torch ops.
 """
 from __future__ import annotations
 
@@ -39,8 +40,11 @@ class KernelOnlineAttention(OnlineAttention):
         return cls(online.r3, online.kv_bits, online.kv_clip_ratio)
 
     def _fast(self, x: torch.Tensor) -> bool:
+        """Whether the C++ ops give the torch ops' bits here: CPU, no autograd, a float32 computation
+        (float64 is computed in float64 by the torch ops), a head_dim they take."""
         n = x.shape[-1]
-        return not x.is_cuda and not torch.is_grad_enabled() and n % 32 == 0 and has_hadamard(n) and x.numel() > 0
+        return (not x.is_cuda and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and n % 32 == 0 and has_hadamard(n) and x.numel() > 0)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
