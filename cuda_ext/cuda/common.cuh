@@ -87,6 +87,12 @@ inline unsigned int ceil_div(int64_t a, int64_t b) { return static_cast<unsigned
 
 // ---- device side ------------------------------------------------------------------------------
 
+// The dequant epilogue of gemm_w4a4 and gemv_w4a4: float(acc - a_zero * w_sum) * a_scale * w_scale, each
+// product rounded on its own (no FMA), as the CPU reference computes it.
+__device__ __forceinline__ float dequant(int acc, float a_scale, int a_zero, float w_scale, int w_sum) {
+  return __fmul_rn(__fmul_rn(__int2float_rn(acc - a_zero * w_sum), a_scale), w_scale);
+}
+
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 

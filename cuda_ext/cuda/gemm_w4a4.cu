@@ -152,10 +152,6 @@ __device__ __forceinline__ void load_tile(uint8_t* tile, const uint8_t* src, int
   }
 }
 
-__device__ __forceinline__ float dequant(int acc, float a_scale, int a_zero, float w_scale, int w_sum) {
-  return __fmul_rn(__fmul_rn(__int2float_rn(acc - a_zero * w_sum), a_scale), w_scale);
-}
-
 template <Epilogue kEpi>
 __device__ __forceinline__ void store_pair(const GemmArgs& args, int row, int col, int v0, int v1, float a_scale,
                                            int a_zero) {

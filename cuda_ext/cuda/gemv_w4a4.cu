@@ -50,7 +50,7 @@ template <typename OutT>
 __device__ __forceinline__ void store_out(OutT* out, int64_t idx, int acc, const float* a_scale,
                                           const int32_t* a_zero, const float* w_scale, const int32_t* w_sum, int t,
                                           int row) {
-  const float y = static_cast<float>(acc - a_zero[t] * w_sum[row]) * a_scale[t] * w_scale[row];
+  const float y = dequant(acc, a_scale[t], a_zero[t], w_scale[row], w_sum[row]);
   if constexpr (sizeof(OutT) == 4) {
     out[idx] = y;
   } else {

@@ -457,6 +457,12 @@ def loaded_bytes(folder: str | Path) -> int:
     return total
 
 
+def check_backend(backend: str, what: str = "backend") -> None:
+    """Refuse, in one line naming ``what`` (the setting), a backend other than ``BACKENDS``."""
+    if backend not in BACKENDS:
+        raise PipelineError(f"{what}={backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
 def load_quantized(folder: str | Path, backend: str = "fake", device: torch.device | str = "cpu") -> nn.Module:
     """The runnable HF model saved by ``save_quantized`` (eval mode, online ops attached), on ``device``.
 
@@ -464,8 +470,7 @@ def load_quantized(folder: str | Path, backend: str = "fake", device: torch.devi
     quantized linear runs on the integer kernels as a ``linear4bit.Linear4bit``). Shards are read one at
     a time, each checked against its recorded sha256.
     """
-    if backend not in BACKENDS:
-        raise PipelineError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     model, reader = open_quantized(folder, device)
     for i in range(reader.n_layers):
         reader.load_layer(i)

@@ -113,11 +113,14 @@ class DecoderAdapter:
         than their few weights save) and have no online ops."""
         return ()
 
+    def quantized_mlp_readers(self, layer: nn.Module) -> tuple[str, ...]:
+        """``mlp_readers`` without the routers: the MLP readers whose weights and inputs are quantized."""
+        routers = self.routers(layer)
+        return tuple(n for n in self.mlp_readers(layer) if n not in routers)
+
     def layer_linear_names(self, layer: nn.Module) -> tuple[str, ...]:
         """Every quantized linear of ``layer``, relative to it, in forward order."""
-        routers = self.routers(layer)
-        return (*self.ATTN_READERS, self.ATTN_WRITER, *(n for n in self.mlp_readers(layer) if n not in routers),
-                *self.mlp_writers(layer))
+        return (*self.ATTN_READERS, self.ATTN_WRITER, *self.quantized_mlp_readers(layer), *self.mlp_writers(layer))
 
 
 class LlamaAdapter(DecoderAdapter):

@@ -85,9 +85,8 @@ def gptq_layer(layer: nn.Module, adapter: DecoderAdapter, inputs: list[torch.Ten
                quant: QuantSpec) -> None:
     """GPTQ one prepared decoder layer in place, group by group (q/k/v, o, gate/up, down), each
     group's Hessians taken with the groups before it already quantized."""
-    routers = adapter.routers(layer)
-    readers = tuple(n for n in adapter.mlp_readers(layer) if n not in routers)  # routers stay 16-bit
-    groups = [adapter.ATTN_READERS, (adapter.ATTN_WRITER,), readers, adapter.mlp_writers(layer)]
+    groups = [adapter.ATTN_READERS, (adapter.ATTN_WRITER,), adapter.quantized_mlp_readers(layer),  # routers: 16-bit
+              adapter.mlp_writers(layer)]
     for group in groups:
         hessians = collect_hessians(layer, group, inputs, kwargs)
         for name in group:

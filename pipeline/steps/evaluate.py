@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from ..infra import paths
 from ..infra.artifacts import write_json
-from ..export.checkpoint import BACKENDS, check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
+from ..export.checkpoint import check_backend, check_made_for, load_quantized, load_tokenizer, loaded_bytes, open_quantized
 from ..infra.config import select_variant
 from ..eval.data import check_corpus_file, check_seqlen, eval_corpus_windows
 from ..infra.devices import choose_stream, resolve_device
@@ -49,8 +49,7 @@ def run(cfg: DictConfig) -> None:
         check_corpus_file(corpus)  # a bad corpus fails now, before the checkpoint is loaded
     corpus_name = str(corpus) if corpus else "wikitext2"
     backend = str(cfg.eval.get("backend", "fake"))
-    if backend not in BACKENDS:
-        raise PipelineError(f"eval.backend={backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend(backend, "eval.backend")  # now: the streamed path never reaches load_quantized's check
     folder = paths.fused(cfg, name)
     stream = choose_stream(cfg.eval.get("stream", "auto"), "eval.stream", lambda: loaded_bytes(folder), device, 0.8)
     if stream and tasks:
